@@ -1,0 +1,362 @@
+"""Qwen2 / Qwen2.5 decoder in Flax NNX, with a slot-based KV cache.
+
+Shapes: B batch, T query length, S key slots (cache capacity or T), D hidden, N query
+heads, K key/value heads, G = N // K query heads per KV head, H head dim, F MLP width,
+V vocabulary, L layers.
+
+The decoder layers' weights are stacked along a leading L axis and the forward pass is a
+`lax.scan` over them, so compile time does not grow with depth.
+
+The KV cache is a row of *slots* shared by the batch: every call writes its T tokens into
+slots [index, index + T) of all rows, and a per-row validity mask marks which slots hold
+real tokens. Rows may therefore hold left padding or holes (a shorter turn appended to a
+longer one); positions are tracked per row, so holes change nothing numerically. Slot
+order is time order, which makes the causal rule "slot <= query slot".
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlver_jax.models.config import MASK_VALUE, Qwen2Config
+from rlver_jax.sharding import constrain
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for a batch of sequences.
+
+    k, v: [L, B, S, K, H]; valid: [B, S] bool (slot holds a real token);
+    index: [] int32, next slot to write (same for all rows);
+    next_position: [B] int32, rotary position of the row's next real token.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+    next_position: jax.Array
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+
+def init_cache(config: Qwen2Config, batch_size: int, capacity: int,
+               dtype: Any | None = None) -> KVCache:
+    """An empty cache of `capacity` slots for `batch_size` rows."""
+    shape = (config.num_layers, batch_size, capacity, config.num_kv_heads,
+             config.resolved_head_dim)
+    dtype = config.jnp_dtype if dtype is None else dtype
+    return KVCache(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        valid=jnp.zeros((batch_size, capacity), bool),
+        index=jnp.zeros((), jnp.int32),
+        next_position=jnp.zeros((batch_size,), jnp.int32))
+
+
+def _param(rngs_or_none, shape, dtype, logical_axes, init):
+    return nnx.Param(init(rngs_or_none, shape, dtype), logical_axes=logical_axes)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, cast back to the input dtype before the scale (as HF Qwen2)."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float):
+    """cos, sin: [B, T, H] in float32 for integer positions [B, T]."""
+    exponent = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponent)                                  # [H/2]
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq            # [B, T, H/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)                     # [B, T, H]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates x [B, T, heads, H] by the (half-split) rotary embedding of Qwen2 / Llama."""
+    half = x.shape[-1] // 2
+    x32 = x.astype(jnp.float32)
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+    """Grouped-query attention.
+
+    q: [B, T, N, H]; k, v: [B, S, K, H]; allowed: [B, T, S] bool -> [B, T, N, H].
+    Scores and softmax in float32.
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
+                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
+    scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
+
+
+_REMAT = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
+                  cos: jax.Array, sin: jax.Array, allowed: jax.Array,
+                  kv: tuple[jax.Array, jax.Array] | None, write_index: jax.Array | None):
+    """One pre-norm decoder block.
+
+    x: [B, T, D]. Without a cache (`kv` None) keys are this call's own T tokens. With a
+    cache, `kv` is this layer's (k, v) [B, S, K, H] and the new keys are written at slots
+    [write_index, write_index + T). Returns (x, new (k, v) or None).
+    """
+    dtype = config.jnp_dtype
+    w = {name: value.astype(dtype) for name, value in p.items()}
+    h = rms_norm(x, p["input_norm"], config.rms_norm_eps)
+    q = jnp.einsum("BTD,DNH->BTNH", h, w["q_kernel"]) + w["q_bias"]
+    k = jnp.einsum("BTD,DKH->BTKH", h, w["k_kernel"]) + w["k_bias"]
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["v_kernel"]) + w["v_bias"]
+    q = apply_rotary(q, cos, sin)
+    k = apply_rotary(k, cos, sin)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    if kv is None:
+        keys, values, new_kv = k, v, None
+    else:
+        k_cache, v_cache = kv
+        zero = jnp.zeros((), jnp.int32)
+        keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
+                                            (zero, write_index, zero, zero))
+        values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
+                                              (zero, write_index, zero, zero))
+        new_kv = (keys, values)
+        keys, values = keys.astype(dtype), values.astype(dtype)
+    attn = attention(q, keys, values, allowed)
+    x = x + jnp.einsum("BTNH,NHD->BTD", attn, w["o_kernel"])
+    x = constrain(x, ("batch", "length", "embed"))
+
+    h = rms_norm(x, p["post_norm"], config.rms_norm_eps)
+    gate = jnp.einsum("BTD,DF->BTF", h, w["gate_kernel"])
+    up = jnp.einsum("BTD,DF->BTF", h, w["up_kernel"])
+    mlp = constrain(jax.nn.silu(gate) * up, ("batch", "length", "mlp"))
+    x = x + jnp.einsum("BTF,FD->BTD", mlp, w["down_kernel"])
+    x = constrain(x, ("batch", "length", "embed"))
+    return x, new_kv
+
+
+class DecoderStack(nnx.Module):
+    """All decoder layers, weights stacked on a leading L axis."""
+
+    # name -> (shape given config, logical axes, initializer kind)
+    @staticmethod
+    def param_specs(c: Qwen2Config) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], str]]:
+        L, D, N, K, H, F = (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads,
+                            c.resolved_head_dim, c.intermediate_size)
+        return {
+            "input_norm": ((L, D), ("layers", "norm"), "ones"),
+            "q_kernel": ((L, D, N, H), ("layers", "embed", "heads", "head_dim"), "normal"),
+            "q_bias": ((L, N, H), ("layers", "heads", "head_dim"), "zeros"),
+            "k_kernel": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "k_bias": ((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
+            "v_kernel": ((L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), "normal"),
+            "v_bias": ((L, K, H), ("layers", "kv_heads", "head_dim"), "zeros"),
+            "o_kernel": ((L, N, H, D), ("layers", "heads", "head_dim", "embed"), "normal"),
+            "post_norm": ((L, D), ("layers", "norm"), "ones"),
+            "gate_kernel": ((L, D, F), ("layers", "embed", "mlp"), "normal"),
+            "up_kernel": ((L, D, F), ("layers", "embed", "mlp"), "normal"),
+            "down_kernel": ((L, F, D), ("layers", "mlp", "embed"), "normal"),
+        }
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        inits = {"ones": nnx.initializers.ones, "zeros": nnx.initializers.zeros,
+                 "normal": nnx.initializers.normal(config.initializer_range)}
+        for name, (shape, axes, kind) in self.param_specs(config).items():
+            value = inits[kind](rngs.params(), shape, config.jnp_param_dtype)
+            setattr(self, name, nnx.Param(value, logical_axes=axes))
+
+    def weights(self) -> dict[str, jax.Array]:
+        return {name: getattr(self, name)[...] for name in self.param_specs(self.config)}
+
+    def __call__(self, x, cos, sin, allowed, cache: KVCache | None):
+        config = self.config
+        layer = functools.partial(decoder_layer, config)
+        if config.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT[config.remat])
+
+        if cache is None:
+            def body(h, p):
+                h, _ = layer(p, h, cos, sin, allowed, None, None)
+                return h, None
+            x, _ = jax.lax.scan(body, x, self.weights())
+            return x, None
+
+        def body_cached(h, inputs):
+            p, k_l, v_l = inputs
+            h, (k_l, v_l) = layer(p, h, cos, sin, allowed, (k_l, v_l), cache.index)
+            return h, (k_l, v_l)
+        x, (k, v) = jax.lax.scan(body_cached, x, (self.weights(), cache.k, cache.v))
+        return x, (k, v)
+
+
+class Qwen2(nnx.Module):
+    """Qwen2 causal LM: `model(input_ids)` -> float32 logits [B, T, V].
+
+    Args of the forward pass:
+      input_ids: [B, T] int.
+      attention_mask: [B, T], 1 on real tokens (left padding allowed). Default all ones.
+      positions: [B, T] rotary positions; default counts real tokens (0 on padding).
+      cache: a KVCache to extend; then the call returns (logits, new_cache).
+    """
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs, with_lm_head: bool = True):
+        self.config = config
+        c = config
+        normal = nnx.initializers.normal(c.initializer_range)
+        self.embed = nnx.Param(normal(rngs.params(), (c.vocab_size, c.hidden_size),
+                                      c.jnp_param_dtype), logical_axes=("vocab", "embed"))
+        self.layers = DecoderStack(c, rngs=rngs)
+        self.final_norm = nnx.Param(jnp.ones((c.hidden_size,), c.jnp_param_dtype),
+                                    logical_axes=("norm",))
+        if with_lm_head and not c.tie_word_embeddings:
+            self.lm_head = nnx.Param(normal(rngs.params(), (c.hidden_size, c.vocab_size),
+                                            c.jnp_param_dtype), logical_axes=("embed", "vocab"))
+        else:
+            self.lm_head = None
+
+    def head_weight(self) -> jax.Array:
+        """The output projection [D, V] (the transposed embedding when tied)."""
+        if self.lm_head is not None:
+            return self.lm_head[...]
+        return self.embed[...].T
+
+    def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                      positions: jax.Array | None = None, cache: KVCache | None = None):
+        """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache."""
+        c = self.config
+        b, t = input_ids.shape
+        mask = (jnp.ones((b, t), bool) if attention_mask is None
+                else attention_mask.astype(bool))
+        offset = 0 if cache is None else cache.next_position[:, None]
+        if positions is None:
+            positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
+        cos, sin = rotary_tables(positions, c.resolved_head_dim, c.rope_theta)
+
+        if cache is None:
+            slots = jnp.arange(t)
+            causal = slots[None, :] <= slots[:, None]                       # [T, S=T]
+            allowed = causal[None] & mask[:, None, :]
+        else:
+            valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
+            query_slots = cache.index + jnp.arange(t)
+            causal = jnp.arange(cache.capacity)[None, :] <= query_slots[:, None]
+            allowed = causal[None] & valid[:, None, :]
+
+        x = self.embed[...].astype(c.jnp_dtype)[input_ids]
+        x = constrain(x, ("batch", "length", "embed"))
+        x, kv = self.layers(x, cos, sin, allowed, cache)
+        x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
+
+        if cache is None:
+            return x, None
+        new_cache = KVCache(
+            k=kv[0], v=kv[1], valid=valid, index=cache.index + t,
+            next_position=cache.next_position + mask.sum(axis=1, dtype=jnp.int32))
+        return x, new_cache
+
+    def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] -> float32 logits [B, T, V]."""
+        w = self.head_weight().astype(self.config.jnp_dtype)
+        return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None,
+                 cache: KVCache | None = None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache)
+        logits = self.logits_from_hidden(hidden)
+        return logits if cache is None else (logits, new_cache)
+
+
+class Qwen2Critic(nnx.Module):
+    """The value model: the Qwen2 backbone plus a scalar head, `critic(ids)` -> [B, T] f32."""
+
+    def __init__(self, config: Qwen2Config, *, rngs: nnx.Rngs):
+        self.config = config
+        self.backbone = Qwen2(config, rngs=rngs, with_lm_head=False)
+        # A zero head makes the first value estimates 0, a neutral baseline.
+        self.value_kernel = nnx.Param(jnp.zeros((config.hidden_size,), jnp.float32),
+                                      logical_axes=("embed",))
+        self.value_bias = nnx.Param(jnp.zeros((), jnp.float32), logical_axes=())
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        hidden, _ = self.backbone.hidden_states(input_ids, attention_mask, positions)
+        return (jnp.einsum("BTD,D->BT", hidden.astype(jnp.float32), self.value_kernel[...])
+                + self.value_bias[...])
+
+
+def create_model(config: Qwen2Config, seed: int = 0, *, mesh=None, rules=None,
+                 cls=Qwen2, **kwargs):
+    """Builds a randomly initialised model inside `jax.jit`.
+
+    Eager initialisation of a real-size model is slow and materialises every weight on
+    the default device; jitting the init with `out_shardings` from the parameters' logical
+    axes builds each shard directly where it lives.
+    """
+    from rlver_jax.sharding import param_shardings
+
+    def build():
+        return cls(config, rngs=nnx.Rngs(seed), **kwargs)
+
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    out_shardings = None
+    if mesh is not None:
+        out_shardings = param_shardings(abstract_state, mesh, rules)
+
+    @functools.partial(jax.jit, out_shardings=out_shardings)
+    def init_state():
+        return nnx.state(build())
+
+    return nnx.merge(graphdef, init_state())
+
+
+def critic_from_policy(policy: Qwen2) -> Qwen2Critic:
+    """A critic whose backbone shares the policy's current weights (copied) and a zero head."""
+    critic = nnx.eval_shape(lambda: Qwen2Critic(policy.config, rngs=nnx.Rngs(0)))
+    backbone_state = nnx.state(policy)
+    critic_state = nnx.state(critic)
+    values = {}
+    for path, var in nnx.to_flat_state(critic_state):
+        if path[0] == "backbone":
+            src = backbone_state
+            for key in path[1:]:
+                src = src[key]
+            values[path] = jnp.array(src[...], copy=True)
+        else:
+            values[path] = jnp.zeros(var.shape, var.dtype)
+    for path, var in nnx.to_flat_state(critic_state):
+        var.set_value(values[path]) if hasattr(var, "set_value") else setattr(var, "value", values[path])
+    nnx.update(critic, critic_state)
+    return critic
+
+
+def count_params(config: Qwen2Config, with_lm_head: bool = True) -> int:
+    """Parameter count from abstract shapes (nothing allocated)."""
+    abstract = nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0), with_lm_head=with_lm_head))
+    leaves = jax.tree.leaves(nnx.state(abstract, nnx.Param))
+    return int(sum(leaf.size for leaf in leaves))

@@ -1,0 +1,7 @@
+"""Jitted, batched sampling with a KV cache."""
+
+from rlver_jax.sampling.sampler import (SampleOutput, Sampler, SamplerState, filter_logits,
+                                        generate, next_power_of_two)
+
+__all__ = ["SampleOutput", "Sampler", "SamplerState", "filter_logits", "generate",
+           "next_power_of_two"]

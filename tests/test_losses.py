@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -109,39 +110,50 @@ def _policy_term(theta, feats, old_logp, advantages, mask, mode):
 def test_grad_accumulation_is_exact(mode):
     feats, theta, old_logp, advantages, mask = _policy_setup()
     args = (feats, old_logp, advantages, mask)
-
-    def full_value(th):
-        return _policy_term(th, *args, mode).value()
-
-    full_loss, full_grad = jax.value_and_grad(full_value)(theta)
-
-    def total(th, sl):
-        return _policy_term(th, *(a[sl] for a in args), mode).total
-
     # Uneven micro-batches along B (the last one holds the empty padding row).
     slices = [slice(0, 2), slice(2, 3), slice(3, 6)]
-    acc_total, acc_norm, acc_grad = 0.0, 0.0, jnp.zeros_like(theta)
-    for sl in slices:
-        term = _policy_term(theta, *(a[sl] for a in args), mode)
-        acc_total += term.total
-        acc_norm += term.normaliser
-        acc_grad += jax.grad(total)(theta, sl)
-    np.testing.assert_allclose(acc_total / acc_norm, full_loss, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(acc_grad / acc_norm, full_grad, rtol=RTOL, atol=ATOL)
 
-    # The same with the global normaliser computed upfront from the masks alone, and with
-    # LossTerm.__add__ doing the accumulation.
-    global_norm = losses.aggregate_normaliser(mask, mode)
-    np.testing.assert_allclose(global_norm, acc_norm)
-    summed = sum((_policy_term(theta, *(a[sl] for a in args), mode) for sl in slices[1:]),
-                 _policy_term(theta, *(a[slices[0]] for a in args), mode))
-    np.testing.assert_allclose(summed.value(), full_loss, rtol=RTOL, atol=ATOL)
-    grad_pre = sum(jax.grad(lambda th, sl=sl: total(th, sl) / global_norm)(theta) for sl in slices)
-    np.testing.assert_allclose(grad_pre, full_grad, rtol=RTOL, atol=ATOL)
-    assert float(jnp.max(jnp.abs(full_grad))) > 1e-3  # the check is not vacuous
+    def term(th, sl=slice(None)):
+        return _policy_term(th, *(a[sl] for a in args), mode)
+
+    @jax.jit  # one compile for the whole comparison keeps the test fast
+    def compare(th):
+        full_loss, full_grad = jax.value_and_grad(lambda t: term(t).value())(th)
+        parts = [jax.value_and_grad(lambda t, sl=sl: term(t, sl).total)(th) for sl in slices]
+        norms = [term(th, sl).normaliser for sl in slices]
+        acc = sum((term(th, sl) for sl in slices[1:]), term(th, slices[0]))  # LossTerm.__add__
+        return dict(full_loss=full_loss, full_grad=full_grad,
+                    acc_total=sum(p[0] for p in parts), acc_grad=sum(p[1] for p in parts),
+                    acc_norm=sum(norms), acc_value=acc.value(),
+                    global_norm=losses.aggregate_normaliser(mask, mode))
+
+    r = compare(theta)
+    # Accumulate grad(total_k) and normaliser_k over micro-batches, divide once.
+    np.testing.assert_allclose(r["acc_total"] / r["acc_norm"], r["full_loss"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r["acc_grad"] / r["acc_norm"], r["full_grad"], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(r["acc_value"], r["full_loss"], rtol=RTOL, atol=ATOL)
+    # The normaliser is a function of the masks alone, so it can be computed before any
+    # forward pass and each micro-batch can differentiate total_k / global_normaliser.
+    np.testing.assert_allclose(r["global_norm"], r["acc_norm"])
+    assert float(jnp.max(jnp.abs(r["full_grad"]))) > 1e-3  # the check is not vacuous
+    # And against the plain-Python reference of the aggregation.
+    logp = old_logp + np.einsum("BTF,F->BT", feats, np.asarray(theta))
+    per_token = ref_per_token_policy_loss(logp, old_logp, advantages, dual=3.0)
+    np.testing.assert_allclose(r["full_loss"], ref_aggregate(per_token, mask, mode), rtol=RTOL, atol=ATOL)
 
 
 # ----------------------------------------------------------------------------- policy loss
+
+
+def ref_per_token_policy_loss(logp, old_logp, adv, dual, lo=0.2, hi=0.2):
+    out = np.zeros(logp.shape)
+    for b in range(logp.shape[0]):
+        for t in range(logp.shape[1]):
+            r = math.exp(float(logp[b, t]) - float(old_logp[b, t]))
+            a = float(adv[b, t])
+            loss = max(-a * r, -a * min(max(r, 1 - lo), 1 + hi))
+            out[b, t] = min(loss, -a * dual) if a < 0 else loss
+    return out
 
 
 def ref_policy_loss(logp, old_logp, adv, mask, lo, hi, dual, clamp):
@@ -188,13 +200,19 @@ def test_policy_loss_matches_reference(dual):
     assert np.isfinite(float(loss.value()))
 
 
-def _single_token_grad(log_ratio, advantage, **kw):
+@functools.partial(jax.jit, static_argnames=("clip_high", "dual_clip"))
+def _token_grad(log_ratio, advantage, clip_high=0.2, dual_clip=None):
     def f(lp):
         loss, _ = losses.policy_loss(lp, jnp.zeros((1, 1)), jnp.full((1, 1), advantage),
-                                     jnp.ones((1, 1)), **kw)
+                                     jnp.ones((1, 1)), clip_high=clip_high, dual_clip=dual_clip)
         return loss.value()
 
-    return float(jax.grad(f)(jnp.full((1, 1), log_ratio))[0, 0])
+    return jax.grad(f)(jnp.full((1, 1), log_ratio))[0, 0]
+
+
+def _single_token_grad(log_ratio, advantage, **kw):
+    """d loss / d logp for one token with old_logp = 0 (so logp is the log ratio)."""
+    return float(_token_grad(log_ratio, advantage, **kw))
 
 
 def test_policy_clip_zero_gradient_outside_range():
@@ -217,8 +235,8 @@ def test_policy_dual_clip():
     big = math.log(5.0)
     # A < 0 and ratio 5 > c = 3: loss bounded at -A c = 3, no gradient.
     assert _single_token_grad(big, -1.0, dual_clip=3.0) == 0.0
-    loss, metrics = losses.policy_loss(jnp.full((1, 1), big), jnp.zeros((1, 1)), -jnp.ones((1, 1)),
-                                       jnp.ones((1, 1)), dual_clip=3.0)
+    loss, metrics = jax.jit(functools.partial(losses.policy_loss, dual_clip=3.0))(
+        jnp.full((1, 1), big), jnp.zeros((1, 1)), -jnp.ones((1, 1)), jnp.ones((1, 1)))
     np.testing.assert_allclose(loss.value(), 3.0, rtol=RTOL)
     assert float(metrics["dual_clip_frac"].value()) == 1.0
     # Without dual clip the same token keeps gradient -A r = 5.
@@ -233,7 +251,8 @@ def test_policy_dual_clip():
 def test_policy_loss_hand():
     # ratio 1 everywhere: loss = -mean(A) over valid tokens, nothing clipped, KL 0.
     adv = jnp.array([[1.0, -3.0, 5.0]])
-    loss, metrics = losses.policy_loss(jnp.zeros((1, 3)), jnp.zeros((1, 3)), adv, jnp.array([[1, 1, 0]]))
+    loss, metrics = jax.jit(losses.policy_loss)(jnp.zeros((1, 3)), jnp.zeros((1, 3)), adv,
+                                                jnp.array([[1, 1, 0]]))
     np.testing.assert_allclose(loss.value(), 1.0, rtol=RTOL)
     assert float(loss.normaliser) == 2.0
     assert float(metrics["clip_frac"].value()) == 0.0
@@ -270,10 +289,11 @@ def test_value_loss_matches_reference_and_hand():
         term, m = losses.value_loss(values, jnp.zeros((1, 1)), returns, jnp.ones((1, 1)), clip=0.5)
         return term.value(), m
 
-    (val, m), g = jax.value_and_grad(f, has_aux=True)(jnp.full((1, 1), 2.0), jnp.zeros((1, 1)))
+    f_grad = jax.jit(jax.value_and_grad(f, has_aux=True))
+    (val, m), g = f_grad(jnp.full((1, 1), 2.0), jnp.zeros((1, 1)))
     np.testing.assert_allclose([val, g[0, 0]], [2.0, 2.0], rtol=RTOL)
     assert float(m["clip_frac"].value()) == 0.0
-    (val, m), g = jax.value_and_grad(f, has_aux=True)(jnp.full((1, 1), 2.0), jnp.full((1, 1), 3.0))
+    (val, m), g = f_grad(jnp.full((1, 1), 2.0), jnp.full((1, 1), 3.0))
     np.testing.assert_allclose([val, g[0, 0]], [3.125, 0.0], rtol=RTOL)
     assert float(m["clip_frac"].value()) == 1.0
     unclipped, _ = losses.value_loss(jnp.full((1, 1), 2.0), jnp.zeros((1, 1)), jnp.full((1, 1), 3.0),
@@ -284,22 +304,25 @@ def test_value_loss_matches_reference_and_hand():
 # ----------------------------------------------------------------------------- KL
 
 
+_kl = jax.jit(losses.kl_penalty, static_argnames=("kind", "k3_max"))
+
+
 def test_kl_estimators_match_formulas():
     rng = np.random.default_rng(4)
     logp = (-1.5 + rng.normal(size=(3, 7))).astype(np.float32)
     ref = (-1.5 + rng.normal(size=(3, 7))).astype(np.float32)
     d = logp.astype(np.float64) - ref
-    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "k1"), d, rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "k2"), 0.5 * d**2, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_kl(logp, ref, "k1"), d, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_kl(logp, ref, "k2"), 0.5 * d**2, rtol=RTOL, atol=ATOL)
     k3 = np.exp(ref - logp.astype(np.float64)) - (ref - logp) - 1
-    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "k3"), k3, rtol=RTOL, atol=1e-5)
-    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "low_var_kl"), k3, rtol=RTOL, atol=1e-5)
-    np.testing.assert_allclose(losses.kl_penalty(logp, ref, "abs"), np.abs(d), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(_kl(logp, ref, "k3"), k3, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(_kl(logp, ref, "low_var_kl"), k3, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(_kl(logp, ref, "abs"), np.abs(d), rtol=RTOL, atol=ATOL)
     # Hand: d = log 2 -> k3 = 1/2 + log 2 - 1.
-    k3_hand = losses.kl_penalty(jnp.array([[math.log(2.0)]]), jnp.zeros((1, 1)), "k3")
+    k3_hand = _kl(jnp.array([[math.log(2.0)]]), jnp.zeros((1, 1)), "k3")
     np.testing.assert_allclose(k3_hand, [[0.5 + math.log(2.0) - 1.0]], rtol=RTOL)
     # k3 gradient w.r.t. logp: 1 - exp(ref - logp).
-    g = jax.grad(lambda lp: losses.kl_penalty(lp, ref, "k3").sum())(jnp.asarray(logp))
+    g = jax.jit(jax.grad(lambda lp: losses.kl_penalty(lp, ref, "k3").sum()))(jnp.asarray(logp))
     np.testing.assert_allclose(g, 1 - np.exp(ref - logp.astype(np.float64)), rtol=RTOL, atol=1e-5)
     with pytest.raises(ValueError):
         losses.kl_penalty(logp, ref, "k4")
@@ -308,14 +331,14 @@ def test_kl_estimators_match_formulas():
 def test_k3_clamps():
     logp = jnp.array([[-60.0, 0.0]])
     ref = jnp.array([[0.0, -60.0]])
-    out = losses.kl_penalty(logp, ref, "k3")
+    out = _kl(logp, ref, "k3")
     assert np.all(np.isfinite(out))
     # ref >> logp: exp would be e^60; the result is capped at k3_max.
     np.testing.assert_allclose(out[0, 0], 10.0)
     # logp >> ref: exp(-60) ~ 0, k3 ~ d - 1 = 59, capped; with no cap, the clamp of the
     # exponent at -20 gives exp(-20) + 20 - 1.
     np.testing.assert_allclose(out[0, 1], 10.0)
-    uncapped = losses.kl_penalty(logp, ref, "k3", k3_max=None)
+    uncapped = _kl(logp, ref, "k3", k3_max=None)
     np.testing.assert_allclose(uncapped[0, 1], math.exp(-20.0) + 19.0, rtol=RTOL)
     assert np.isfinite(float(uncapped[0, 0]))
 
@@ -329,9 +352,9 @@ def test_entropy_from_logits():
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = -(p * np.log(p)).sum(-1)
-    np.testing.assert_allclose(losses.entropy_from_logits(logits), ref, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(losses.entropy_from_logits)(logits), ref, rtol=RTOL, atol=1e-5)
     # Uniform over V: log V.
-    np.testing.assert_allclose(losses.entropy_from_logits(jnp.zeros((5,))), math.log(5.0), rtol=RTOL)
+    np.testing.assert_allclose(jax.jit(losses.entropy_from_logits)(jnp.zeros((5,))), math.log(5.0), rtol=RTOL)
 
 
 def _direct_head(hidden, weight, targets, temperature):
@@ -354,33 +377,36 @@ def _head_inputs(seed=6):
     return hidden, weight, targets, cot_lp, cot_ent
 
 
-@pytest.mark.parametrize("chunk_size", [1, 4, 5, 12, 64])
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def _values_and_grads(head_fn, hidden, weight, targets, temperature, cot_lp, cot_ent):
+    """(logp, entropy, d/dhidden, d/dweight) of sum(logp * cot_lp) + sum(entropy * cot_ent)."""
+    (lp, ent), vjp = jax.vjp(lambda h, w: head_fn(h, w, targets, temperature), hidden, weight)
+    g_h, g_w = vjp((cot_lp, cot_ent))
+    return lp, ent, g_h, g_w
+
+
+@jax.jit
+def _direct_values_and_grads(hidden, weight, targets, temperature, cot_lp, cot_ent):
+    return _values_and_grads(_direct_head, hidden, weight, targets, temperature, cot_lp, cot_ent)
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(4, 1.0), (5, 0.7)])
 def test_chunked_head_matches_direct(chunk_size, temperature):
+    # 4 divides T = 12, 5 does not (padding); chunk > T is covered by the bfloat16 test.
     hidden, weight, targets, cot_lp, cot_ent = _head_inputs()
 
-    def scalar(fn):
-        def f(h, w):
-            lp, ent = fn(h, w)
-            return jnp.sum(lp * cot_lp) + jnp.sum(ent * cot_ent)
-        return f
+    def chunked(h, w, tg, temp):
+        return losses.token_logprobs_and_entropy(h, w, tg, chunk_size=chunk_size, temperature=temp)
 
-    def chunked(h, w):
-        return losses.token_logprobs_and_entropy(h, w, targets, chunk_size=chunk_size,
-                                                 temperature=temperature)
-
-    def direct(h, w):
-        return _direct_head(h, w, targets, temperature)
-
-    lp, ent = jax.jit(chunked)(hidden, weight)
-    ref_lp, ref_ent = direct(hidden, weight)
-    assert lp.shape == ent.shape == (B, T) and lp.dtype == jnp.float32
-    np.testing.assert_allclose(lp, ref_lp, rtol=RTOL, atol=1e-5)
-    np.testing.assert_allclose(ent, ref_ent, rtol=RTOL, atol=1e-5)
-    g_h, g_w = jax.jit(jax.grad(scalar(chunked), argnums=(0, 1)))(hidden, weight)
-    r_h, r_w = jax.grad(scalar(direct), argnums=(0, 1))(hidden, weight)
-    np.testing.assert_allclose(g_h, r_h, rtol=RTOL, atol=1e-5)
-    np.testing.assert_allclose(g_w, r_w, rtol=RTOL, atol=1e-5)
+    got = jax.jit(lambda *a: _values_and_grads(chunked, *a))(hidden, weight, targets, temperature,
+                                                            cot_lp, cot_ent)
+    ref = _direct_values_and_grads(hidden, weight, targets, temperature, cot_lp, cot_ent)
+    assert got[0].shape == got[1].shape == (B, T) and got[0].dtype == got[1].dtype == jnp.float32
+    for g, r in zip(got, ref):  # logp, entropy, grad hidden, grad weight
+        np.testing.assert_allclose(g, r, rtol=RTOL, atol=1e-5)
+    # Values also against an independent float64 NumPy computation.
+    ref_lp, ref_ent = ref_head(hidden, weight, targets, temperature)
+    np.testing.assert_allclose(got[0], ref_lp, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(got[1], ref_ent, rtol=RTOL, atol=1e-5)
 
 
 def test_chunked_head_never_builds_full_logits():
@@ -397,14 +423,25 @@ def test_chunked_head_never_builds_full_logits():
     assert f"[3,{B},5,{V}]" not in text  # nor stacked across chunks by the scan
 
 
+def ref_head(hidden, weight, targets, temperature):
+    """float64 NumPy logp at targets and entropy, per token."""
+    logits = np.einsum("BTD,DV->BTV", np.float64(hidden), np.float64(weight)) / temperature
+    logits -= logits.max(-1, keepdims=True)
+    logp_all = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    logp = np.take_along_axis(logp_all, np.asarray(targets)[..., None], -1)[..., 0]
+    return logp, -(np.exp(logp_all) * logp_all).sum(-1)
+
+
 def test_chunked_head_bfloat16_compute():
     hidden, weight, targets, _, _ = _head_inputs()
-    lp, ent = losses.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=5,
-                                                compute_dtype=jnp.bfloat16)
+    # chunk_size > T: one chunk of T tokens.
+    lp, ent = jax.jit(lambda h, w: losses.token_logprobs_and_entropy(
+        h, w, targets, chunk_size=64, compute_dtype=jnp.bfloat16))(hidden, weight)
     assert lp.dtype == ent.dtype == jnp.float32
+    # Only the matmul inputs are rounded to bfloat16; the rest is float32.
     h16 = hidden.astype(jnp.bfloat16).astype(jnp.float32)
     w16 = weight.astype(jnp.bfloat16).astype(jnp.float32)
-    ref_lp, ref_ent = _direct_head(h16, w16, targets, 1.0)
+    ref_lp, ref_ent = ref_head(h16, w16, targets, 1.0)
     np.testing.assert_allclose(lp, ref_lp, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(ent, ref_ent, rtol=1e-4, atol=1e-4)
 

@@ -292,10 +292,22 @@ def kl_penalty(
     raise ValueError(f"unknown KL kind {kind!r}; expected one of {KL_KINDS}")
 
 
+def _logsumexp(z: Array) -> Array:
+    """Stable logsumexp over the last axis, [..., V] -> [...].
+
+    Plain max-shift form: `jax.nn.logsumexp` adds guards for all-(-inf) rows that these
+    callers never produce, and they cost seconds of XLA compile time on CPU.
+    """
+    shift = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
+    return shift[..., 0] + jnp.log(jnp.sum(jnp.exp(z - shift), axis=-1))
+
+
 def entropy_from_logits(logits: Array) -> Array:
     """Entropy of softmax(logits) over the last axis, in float32.
 
     H = logsumexp(z) - sum_v softmax(z)_v z_v.
+
+    Logits of -inf (banned tokens) are allowed as long as one entry per row is finite.
 
     Args:
       logits: [..., V].
@@ -304,9 +316,10 @@ def entropy_from_logits(logits: Array) -> Array:
       [...] float32.
     """
     z = jnp.asarray(logits).astype(jnp.float32)
-    lse = jax.nn.logsumexp(z, axis=-1)
+    lse = _logsumexp(z)
     probs = jnp.exp(z - lse[..., None])
-    return lse - jnp.sum(probs * z, axis=-1)
+    # where(): 0 * -inf would be NaN for banned tokens; their contribution is 0.
+    return lse - jnp.sum(jnp.where(probs > 0, probs * z, 0.0), axis=-1)
 
 
 def _chunk_logprobs_and_entropy(
@@ -320,8 +333,12 @@ def _chunk_logprobs_and_entropy(
         preferred_element_type=jnp.float32,
     )
     logits = logits / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    lse = _logsumexp(logits)
+    # One-hot select rather than a gather: its backward is elementwise instead of a
+    # scatter, which compiles faster and maps well to TPU/GPU; the cost is V-sized
+    # elementwise work, which the softmax already pays.
+    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
     probs = jnp.exp(logits - lse[..., None])
     entropy = lse - jnp.sum(probs * logits, axis=-1)
     return target_logit - lse, entropy

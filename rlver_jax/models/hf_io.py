@@ -122,12 +122,12 @@ class _TensorIndex:
         return array
 
 
-def _read_config(path: str, dtype: str) -> Qwen2Config:
+def _read_config(path: str, dtype: str, **overrides) -> Qwen2Config:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF model directory not found: {path}")
     return Qwen2Config.from_json_file(os.path.join(path, "config.json"),
-                                      param_dtype=dtype, dtype=dtype)
+                                      **{"param_dtype": dtype, "dtype": dtype, **overrides})
 
 
 def _fill(model: nnx.Module, source: Callable[[tuple, tuple[int, ...]], Callable],
@@ -183,11 +183,14 @@ def _backbone_source(config: Qwen2Config, tensors: _TensorIndex, prefix: tuple =
     return source
 
 
-def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=None
-            ) -> tuple[Qwen2Config, Qwen2]:
-    """Reads an HF Qwen2 directory into a (sharded) `Qwen2` with weights in `dtype`."""
+def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=None,
+            **config_overrides) -> tuple[Qwen2Config, Qwen2]:
+    """Reads an HF Qwen2 directory into a (sharded) `Qwen2` with weights in `dtype`.
+
+    `config_overrides` set non-architectural config fields (e.g. remat="full").
+    """
     path = os.fspath(path)
-    config = _read_config(path, dtype)
+    config = _read_config(path, dtype, **config_overrides)
     tensors = _TensorIndex(path)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         # Some exporters write the tied head anyway; it is ignored by design.
@@ -197,12 +200,12 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=No
     return config, model
 
 
-def load_hf_critic(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=None
-                   ) -> tuple[Qwen2Config, Qwen2Critic]:
+def load_hf_critic(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=None,
+                   **config_overrides) -> tuple[Qwen2Config, Qwen2Critic]:
     """A critic from an HF directory: backbone from the LM; the value head from a
     `score.weight` [1, D] (Qwen2ForTokenClassification layout) when present, else zeros."""
     path = os.fspath(path)
-    config = _read_config(path, dtype)
+    config = _read_config(path, dtype, **config_overrides)
     tensors = _TensorIndex(path)
     critic = nnx.eval_shape(lambda: Qwen2Critic(config, rngs=nnx.Rngs(0)))
     backbone = _backbone_source(config, tensors, prefix=("backbone",))

@@ -247,11 +247,9 @@ class Updater:
         self.graphdef = nnx.graphdef(model)
         self.tx = tx
         self.settings = settings
-        step_fn = policy_step if kind == "policy" else critic_step
-        self._step = jax.jit(
-            lambda state, batch: step_fn(self.graphdef, tx, settings, state, batch),
-            donate_argnums=(0,),
-            out_shardings=None if state_shardings is None else (state_shardings, None))
+        self._step_fn = policy_step if kind == "policy" else critic_step
+        self._state_shardings = state_shardings
+        self._step = None  # compiled on first use, with the state's shardings pinned
         self._logprobs = jax.jit(
             lambda params, tokens, mask: forward_logprobs(
                 self.graphdef, params, tokens, mask, settings.logprob_chunk,
@@ -263,10 +261,29 @@ class Updater:
         return init_train_state(model, self.tx)
 
     def step(self, state: TrainState, batch: TrainBatch):
+        """One optimiser step; the state is donated (do not reuse the argument)."""
+        if self._step is None:
+            # Pinning the output shardings to the input's keeps every later call on the
+            # same compiled program (otherwise XLA may pick new layouts and recompile).
+            shardings = self._state_shardings or jax.tree.map(lambda x: x.sharding, state)
+            step_fn, graphdef, tx, settings = (self._step_fn, self.graphdef, self.tx,
+                                               self.settings)
+            self._step = jax.jit(
+                lambda state, batch: step_fn(graphdef, tx, settings, state, batch),
+                donate_argnums=(0,), out_shardings=(shardings, None))
         return self._step(state, batch)
 
     def logprobs(self, params, tokens, mask):
         return self._logprobs(params, tokens, mask)
+
+    def forward_logprobs(self, params, tokens, mask):
+        """Un-jitted: for use inside a caller's jitted function."""
+        return forward_logprobs(self.graphdef, params, tokens, mask,
+                                self.settings.logprob_chunk, self.settings.temperature)
+
+    def forward_values(self, params, tokens, mask):
+        """Un-jitted: for use inside a caller's jitted function."""
+        return forward_values(self.graphdef, params, tokens, mask)
 
     def values(self, params, tokens, mask):
         return self._values(params, tokens, mask)

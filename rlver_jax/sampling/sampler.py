@@ -38,7 +38,9 @@ class SamplerState:
     """What a call leaves behind for a continuation: the cache and, per row, the tokens in it."""
 
     cache: KVCache
-    cached_tokens: list[list[int]]
+    # None marks a row that cannot be continued: a padding row (it holds a dummy token) or
+    # a row that the last call did not use (its slots may hold another call's tokens).
+    cached_tokens: list[list[int] | None]
 
 
 @dataclasses.dataclass
@@ -69,23 +71,39 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
     in_top_k = rank[None, :] < k
     sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
     mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    keep_sorted = in_top_k & ((mass_before < top_p) | (rank[None, :] == 0))
+    # top_p >= 1 must keep everything: the float32 cumsum reaches 1.0 before the last tokens,
+    # so `mass_before < 1` alone would drop tokens of probability below ~1e-7.
+    keep_sorted = in_top_k & ((mass_before < top_p) | (top_p >= 1.0) | (rank[None, :] == 0))
     # The smallest kept logit is the threshold; ties at the threshold are kept.
     threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
     return jax.nn.log_softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
 
 
 def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
-    """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp)."""
+    """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp).
+
+    The sampling parameters are traced scalars, so the branches are `lax.cond`s rather than
+    `jnp.where`s: on CPU the [B, V] sort of `filter_logits` costs more than a decode step of
+    a 100M model, and the categorical draw (B * V random numbers) nearly as much, so greedy
+    skips both and untruncated sampling skips the sort.
+    """
     raw = jax.nn.log_softmax(logits, axis=-1)
-    greedy = temperature <= 0
-    safe_t = jnp.where(greedy, 1.0, temperature)
-    filtered = filter_logits(logits, safe_t, top_k, top_p)
-    sampled = jax.vmap(jax.random.categorical)(keys, filtered)
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
-    take = lambda lp: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
-    sampling_lp = jnp.where(greedy, 0.0, take(filtered))
-    return token, sampling_lp, take(raw)
+    take = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
+
+    def greedy(_):
+        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return token, jnp.zeros(token.shape, jnp.float32)
+
+    def sample(_):
+        truncate = (top_k > 0) | (top_p < 1.0)
+        filtered = jax.lax.cond(
+            truncate, lambda: filter_logits(logits, temperature, top_k, top_p),
+            lambda: jax.nn.log_softmax(logits / temperature, axis=-1))
+        token = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        return token, take(filtered, token)
+
+    token, sampling_lp = jax.lax.cond(temperature <= 0, greedy, sample, None)
+    return token, sampling_lp, take(raw, token)
 
 
 class Sampler:
@@ -187,16 +205,27 @@ class Sampler:
                             next_position=self._place(np.asarray(cache.next_position)))
         return cache
 
-    def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
+    def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int] | None],
                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop_token_ids: Sequence[int] = (), seed: int = 0,
                  previous: SamplerState | None = None, keep_state: bool = False
                  ) -> SampleOutput:
+        """Samples a continuation of every prompt (a list of token ids, or None for a row
+        that sits this call out: it keeps its row and its cache for a later continuation).
+
+        With `previous` (a state from `keep_state=True`), rows whose prompt extends the
+        tokens cached in that row are continued from the cache; otherwise (any active row
+        not an extension) the call starts fresh. A state is consumed by the call that
+        continues it (its cache buffers are donated).
+        """
         if not prompts:
             raise ValueError("generate: no prompts")
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: empty prompt at index "
-                             f"{[i for i, p in enumerate(prompts) if len(p) == 0][0]}")
+        active = [p is not None for p in prompts]
+        if not any(active):
+            raise ValueError("generate: every prompt is None")
+        empty = [i for i, p in enumerate(prompts) if p is not None and len(p) == 0]
+        if empty:
+            raise ValueError(f"generate: empty prompt at index {empty[0]}")
         if max_new_tokens < 1:
             raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
         if len(stop_token_ids) > self.max_stop_tokens:
@@ -206,26 +235,30 @@ class Sampler:
         weights = nnx.state(model)
         max_new_bucket = next_power_of_two(max_new_tokens)
 
+        # A continuation needs every active row to extend the tokens cached in its row.
         reuse = (previous is not None and len(previous.cached_tokens) >= n
-                 and all(len(p) > len(c) and list(p[:len(c)]) == c
-                         for p, c in zip(prompts, previous.cached_tokens)))
+                 and all(c is not None and len(p) > len(c) and list(p[:len(c)]) == c
+                         for p, c in zip(prompts, previous.cached_tokens) if p is not None))
         if reuse:
             cache = previous.cache
             batch = cache.batch_size
-            suffixes = [list(p[len(c):]) for p, c in zip(prompts, previous.cached_tokens)]
+            suffixes = [[] if p is None else list(p[len(c):])
+                        for p, c in zip(prompts, previous.cached_tokens)]
         else:
             batch = next_power_of_two(n)
-            suffixes = [list(p) for p in prompts]
+            suffixes = [[] if p is None else list(p) for p in prompts]
             cache = None
         width = next_power_of_two(max(len(s) for s in suffixes), self.min_prompt_bucket)
         tokens = np.zeros((batch, width), np.int32)
         mask = np.zeros((batch, width), bool)
         for i, s in enumerate(suffixes):
-            tokens[i, width - len(s):] = s
-            mask[i, width - len(s):] = True
+            if s:
+                tokens[i, width - len(s):] = s
+                mask[i, width - len(s):] = True
         if not reuse:
-            # Padding rows hold one dummy token so that no row attends to nothing.
-            mask[n:, -1] = True
+            # Unused rows hold one dummy token so that no row attends to nothing.
+            unused = [i for i in range(batch) if i >= n or not active[i]]
+            mask[unused, -1] = True
             capacity = next_power_of_two(width + max_new_bucket)
             cache = self._new_cache(batch, capacity)
         else:
@@ -235,7 +268,7 @@ class Sampler:
 
         logits, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
         alive = np.zeros((batch,), bool)
-        alive[:n] = True
+        alive[:n] = active
         base = jax.random.key(seed)
         keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
         stops = np.full((self.max_stop_tokens,), NO_TOKEN, np.int32)
@@ -255,8 +288,11 @@ class Sampler:
         state = None
         if keep_state:
             # Fed into the cache: the prompt and every generated token but the last.
-            cached = [list(p) + t[:-1] for p, t in zip(prompts, out_tokens)]
-            cached += [[] for _ in range(batch - n)]
+            # An unused row keeps what it held when this call continued a previous one.
+            cached = [list(p) + t[:-1] if p is not None
+                      else (previous.cached_tokens[i] if reuse else None)
+                      for i, (p, t) in enumerate(zip(prompts, out_tokens))]
+            cached += [None] * (batch - n)
             state = SamplerState(cache=cache, cached_tokens=cached)
         return SampleOutput(tokens=out_tokens, logprobs=out_lps, raw_logprobs=out_raws,
                             stopped=[bool(s) for s in stopped[:n]], state=state)

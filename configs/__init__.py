@@ -1,0 +1,1 @@
+"""ml-collections configuration files (`--config=configs/NAME.py[:ARG]`)."""

@@ -1,0 +1,113 @@
+"""The base RLVER configuration: Qwen2.5-7B-Instruct policy, PPO, think mode, `hard` user.
+
+Defaults are the reference run's hyper-parameters (RLVER.md). Every field can be
+overridden on the command line, e.g. `--config.rl.clip_high=0.28`; an unknown key is an
+error that names it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.total_steps = 1000
+    # Policy tokenizer: "qwen2.5" (bundled), "tiny" (CPU presets) or an HF tokenizer dir.
+    c.tokenizer = "qwen2.5"
+
+    c.policy = ml_collections.ConfigDict()
+    c.policy.preset = "qwen2.5-7b"      # architecture when no hf_dir is given (random init)
+    c.policy.hf_dir = ""                # local HF directory with real weights
+    c.policy.dtype = "bfloat16"
+    c.policy.remat = "full"
+
+    c.critic = ml_collections.ConfigDict()
+    c.critic.hf_dir = ""                # empty: initialise from the policy weights
+    c.critic.dtype = "bfloat16"
+
+    c.reference = ml_collections.ConfigDict()
+    c.reference.hf_dir = ""             # empty: the initial policy; built only for a KL term
+
+    c.simulator = ml_collections.ConfigDict()
+    c.simulator.kind = "llm"            # "llm" (in-process model) or "rule" (TOY judge)
+    c.simulator.preset = "qwen2.5-7b"
+    c.simulator.hf_dir = ""
+    c.simulator.tokenizer = ""          # empty: the policy tokenizer
+    c.simulator.dtype = "bfloat16"
+    c.simulator.difficulty = "hard"     # sage | hard | strict
+    # Individual knobs override the difficulty preset (see env/simulator.py); e.g.
+    # --config.simulator.overrides.start_emotion=40
+    c.simulator.overrides = ml_collections.ConfigDict()
+    c.simulator.temperature = 0.7
+    c.simulator.top_p = 0.95
+    c.simulator.max_analyzer_tokens = 512
+    c.simulator.max_actor_tokens = 384
+    c.simulator.max_prompt_tokens = 8192
+
+    c.data = ml_collections.ConfigDict()
+    # A shipped set name (en_train, en_eval, zh_train, zh_eval) or a jsonl path, e.g.
+    # ../shared/data/rlver/train_profile.jsonl
+    c.data.train_profiles = "en_train"
+    c.data.shuffle = True
+
+    c.rollout = ml_collections.ConfigDict()
+    c.rollout.think = True
+    c.rollout.batch_dialogues = 32      # dialogues per step (profiles x group_size)
+    c.rollout.group_size = 1            # GRPO sets 4
+    c.rollout.max_turn_tokens = 1024
+    c.rollout.max_dialogue_tokens = 10240
+    c.rollout.temperature = 1.0
+    c.rollout.top_p = 1.0
+    c.rollout.top_k = 0
+    c.rollout.unclosed_think = "pass"   # or "zero_reward"
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.algorithm = "ppo"              # ppo | grpo
+    c.rl.actor_lr = 1e-6
+    c.rl.actor_warmup_ratio = 0.02
+    c.rl.critic_lr = 5e-6
+    c.rl.critic_warmup_ratio = 0.05
+    c.rl.clip_low = 0.2
+    c.rl.clip_high = 0.2
+    c.rl.dual_clip = 0.0                # 0 disables; else c > 1
+    c.rl.value_clip = 0.5
+    c.rl.entropy_coef = 0.001
+    c.rl.gamma = 1.0
+    c.rl.lam = 1.0
+    c.rl.kl_loss_coef = 0.0
+    c.rl.kl_loss_kind = "k3"
+    c.rl.kl_reward_coef = 0.0
+    c.rl.kl_reward_kind = "k1"
+    c.rl.epochs = 1
+    c.rl.mini_batches = 1
+    c.rl.micro_batch_size = 0           # 0: whole mini-batch in one pass
+    c.rl.max_grad_norm = 1.0
+    c.rl.weight_decay = 0.0
+    c.rl.agg_mode = "token-mean"
+    c.rl.grpo_normalize_std = True
+    c.rl.whiten_advantages = False
+    c.rl.logprob_chunk = 1024
+    c.rl.max_consecutive_nonfinite = 3
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.shape = (-1, 1, 1)           # (data, fsdp, tensor); -1 takes the remaining devices
+    c.mesh.rules = "fsdp_tensor"
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every = 50
+    c.checkpoint.keep = 3
+    c.checkpoint.async_save = True
+
+    c.log = ml_collections.ConfigDict()
+    c.log.dialogues_per_step = 4        # dialogues written to WORKDIR/dialogues.jsonl per step
+    c.log.tensorboard = True
+    c.log.plots = True
+    c.log.progress = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0                    # 0: no evaluation during training
+    c.eval.profiles = "en_eval"
+    c.eval.difficulty = "sage"
+    c.eval.max_dialogues = 16
+    c.eval.temperature = 0.0
+    return c

@@ -1,0 +1,375 @@
+"""The batched multi-turn dialogue rollout: policy turns and simulated-user turns.
+
+All live dialogues advance together: one batched policy generation, then one batched
+analyzer call, then one batched actor call. Dialogues are keyed by a stable id and keep
+their row in every batch for their whole life, so a reply can never reach the wrong
+dialogue (the reference code routed replies by position in a shrinking list).
+
+Training samples hold token ids exactly as sampled, never a re-tokenisation of text:
+- no-think: one sample per dialogue, the whole conversation; loss mask 1 on the policy's
+  generated tokens (content and its end-of-turn token), 0 on the system prompt, user turns
+  and role headers; the KV cache carries over from turn to turn.
+- think: one sample per policy turn (prompt = history with old thoughts removed, response =
+  this turn's generation); every turn of a dialogue shares the final reward.
+The reward sits on the last policy token of each sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from rlver_jax.env import simulator as sim
+from rlver_jax.env.profiles import hidden_need_category, personality
+from rlver_jax.env.users import Analysis, _mix
+
+
+@dataclasses.dataclass(frozen=True)
+class RolloutSettings:
+    """How the policy side of a rollout runs."""
+
+    think: bool = False
+    group_size: int = 1                  # GRPO: dialogues per profile sharing the opening
+    max_turn_tokens: int = 256           # policy tokens per reply
+    max_dialogue_tokens: int = 4096      # whole training sequence (no-think) / prompt cap
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    unclosed_think: str = "pass"         # "pass" the raw text on, or "zero_reward"
+
+    def __post_init__(self):
+        if self.unclosed_think not in ("pass", "zero_reward"):
+            raise ValueError(f"unclosed_think={self.unclosed_think!r}: expected 'pass' or "
+                             "'zero_reward'")
+        if self.group_size < 1:
+            raise ValueError(f"group_size={self.group_size} must be >= 1")
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training sequence. Per-token lists are aligned with `tokens`; `logprobs` (under
+    the sampling distribution) and `raw_logprobs` (plain model) are 0 off the loss mask."""
+
+    dialogue_id: str
+    group_id: int
+    tokens: list[int]
+    loss_mask: list[int]
+    logprobs: list[float]
+    raw_logprobs: list[float]
+    reward: float = 0.0
+    turn: int = -1                       # think mode: the policy turn; -1 for whole dialogues
+
+
+@dataclasses.dataclass
+class _Track:
+    """The policy-side token record of one dialogue."""
+
+    tokens: list[int]
+    mask: list[int]
+    logprobs: list[float]
+    raw: list[float]
+    samples: list[Sample] = dataclasses.field(default_factory=list)
+    policy_tokens: int = 0
+    format_violations: int = 0
+
+    def extend(self, ids: Sequence[int], mask: int = 0, logprobs=None, raw=None):
+        self.tokens.extend(ids)
+        self.mask.extend([mask] * len(ids))
+        self.logprobs.extend(logprobs if logprobs is not None else [0.0] * len(ids))
+        self.raw.extend(raw if raw is not None else [0.0] * len(ids))
+
+
+@dataclasses.dataclass
+class RolloutResult:
+    samples: list[Sample]
+    dialogues: list[sim.DialogueState]
+    metrics: dict[str, float]
+    timing: dict[str, float]
+
+
+class DialogueRollout:
+    """Runs batches of dialogues between a policy model and a simulated user."""
+
+    def __init__(self, tokenizer, user, sim_settings: sim.SimulatorSettings,
+                 settings: RolloutSettings, sampler):
+        self.tokenizer = tokenizer
+        self.user = user
+        self.sim_settings = sim_settings
+        self.settings = settings
+        self.sampler = sampler
+        self._newline = tokenizer.encode("\n")
+        self._assistant_prefix = tokenizer.assistant_prefix_ids()
+
+    # ------------------------------------------------------------------ policy turn
+    def _policy_prompt(self, state: sim.DialogueState, track: _Track) -> list[int]:
+        if self.settings.think:
+            messages = sim.render_policy_messages(state.profile, state.history, True,
+                                                  self.sim_settings)
+            return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return track.tokens + self._assistant_prefix
+
+    def _record_policy_turn(self, state, track: _Track, prompt: list[int], tokens, logprobs,
+                            raw, stopped: bool, group_id: int) -> str:
+        """Adds the sampled reply to the track (and think-mode sample); returns its text."""
+        s = self.settings
+        track.policy_tokens += len(tokens)
+        if s.think:
+            sample = Sample(dialogue_id=state.dialogue_id, group_id=group_id,
+                            tokens=list(prompt) + list(tokens),
+                            loss_mask=[0] * len(prompt) + [1] * len(tokens),
+                            logprobs=[0.0] * len(prompt) + list(logprobs),
+                            raw_logprobs=[0.0] * len(prompt) + list(raw), turn=state.turns)
+            track.samples.append(sample)
+        else:
+            track.extend(self._assistant_prefix)
+            track.extend(tokens, 1, logprobs, raw)
+            if not stopped:
+                # Close the turn for the chat format; not a policy token, so not trained.
+                track.extend([self.tokenizer.im_end_id])
+            track.extend(self._newline)
+        content = tokens[:-1] if stopped else tokens
+        return self.tokenizer.decode(content, skip_special_tokens=True)
+
+    # ---------------------------------------------------------------------- main loop
+    def run(self, policy, profiles: Sequence[Any], seed: int, id_prefix: str = "d"
+            ) -> RolloutResult:
+        """Plays one dialogue per (profile, group member) to the end."""
+        s, cfg = self.settings, self.sim_settings
+        timing = {"policy_s": 0.0, "analyzer_s": 0.0, "actor_s": 0.0}
+        states: list[sim.DialogueState] = []
+        group_ids: list[int] = []
+        for p_index, profile in enumerate(profiles):
+            for g in range(s.group_size):
+                states.append(sim.new_dialogue(f"{id_prefix}-{p_index}-{g}", profile, cfg))
+                group_ids.append(p_index)
+        by_id = {st.dialogue_id: st for st in states}
+        if len(by_id) != len(states):
+            raise ValueError("dialogue ids must be unique")
+
+        # Openings: one per profile, shared by its group (GRPO compares like with like).
+        t0 = time.perf_counter()
+        heads = states[::s.group_size]
+        openings = self.user.openings(heads, _mix(seed, 0))
+        timing["actor_s"] += time.perf_counter() - t0
+        tracks: dict[str, _Track] = {}
+        for i, st in enumerate(states):
+            sim.add_user_message(st, openings[i // s.group_size], cfg)
+            system = sim.render_policy_messages(st.profile, [], s.think, cfg)[0]
+            track = _Track([], [], [], [])
+            track.extend(self.tokenizer.render_turn("system", system["content"]))
+            track.extend(self.tokenizer.render_turn("user", st.history[-1][1]))
+            tracks[st.dialogue_id] = track
+
+        previous = None
+        turn = 0
+        stats = {"parse_failures": 0, "analyzer_fallbacks": 0, "actor_fallbacks": 0,
+                 "format_violations": 0, "length_stops": 0}
+        while True:
+            live = [i for i, st in enumerate(states) if not st.done]
+            if not live:
+                break
+            turn += 1
+            # ---- policy: one batched generation; rows are fixed per dialogue
+            prompts: list[list[int] | None] = [None] * len(states)
+            for i in live:
+                st = states[i]
+                prompts[i] = self._policy_prompt(st, tracks[st.dialogue_id])
+            too_long = [i for i in live if len(prompts[i]) + s.max_turn_tokens
+                        > s.max_dialogue_tokens]
+            for i in too_long:
+                st = states[i]
+                st.done, st.done_reason = True, "length"
+                stats["length_stops"] += 1
+                prompts[i] = None
+            live = [i for i in live if prompts[i] is not None]
+            if not live:
+                break
+            t0 = time.perf_counter()
+            out = self.sampler.generate(
+                policy, prompts, s.max_turn_tokens, temperature=s.temperature, top_p=s.top_p,
+                top_k=s.top_k, stop_token_ids=self.tokenizer.eos_ids, seed=_mix(seed, turn, 1),
+                previous=None if s.think else previous, keep_state=not s.think)
+            timing["policy_s"] += time.perf_counter() - t0
+            previous = out.state
+            replies = {}
+            for i in live:
+                st = states[i]
+                track = tracks[st.dialogue_id]
+                text = self._record_policy_turn(st, track, prompts[i], out.tokens[i],
+                                                out.logprobs[i], out.raw_logprobs[i],
+                                                out.stopped[i], group_ids[i])
+                sim.add_policy_reply(st, text)
+                replies[i] = text
+                if s.think and not sim.split_think(text).closed:
+                    track.format_violations += 1
+                    stats["format_violations"] += 1
+                    if s.unclosed_think == "zero_reward":
+                        st.done, st.done_reason = True, "format"
+            live = [i for i in live if not states[i].done]
+            if not live:
+                break
+
+            # ---- simulated user: analyzer (emotion change), then actor (reply)
+            t0 = time.perf_counter()
+            analyses = self.user.analyze([states[i] for i in live], [replies[i] for i in live],
+                                         _mix(seed, turn, 2))
+            timing["analyzer_s"] += time.perf_counter() - t0
+            for i, a in zip(live, analyses):
+                stats["parse_failures"] += a.parse_failures
+                stats["analyzer_fallbacks"] += int(not a.parse_ok)
+                sim.apply_analysis(states[i], a.delta, cfg, raw_delta=a.raw_delta,
+                                   parse_ok=a.parse_ok, parse_failures=a.parse_failures,
+                                   analyzer_text=a.text)
+            analysis_of = dict(zip(live, analyses))
+            live = [i for i in live if not states[i].done]
+            if not live:
+                break
+            t0 = time.perf_counter()
+            user_replies = self.user.replies([states[i] for i in live],
+                                             [analysis_of[i] for i in live],
+                                             _mix(seed, turn, 3))
+            timing["actor_s"] += time.perf_counter() - t0
+            for i, r in zip(live, user_replies):
+                st = states[i]
+                stats["parse_failures"] += r.parse_failures
+                stats["actor_fallbacks"] += int(not r.parse_ok)
+                sim.add_user_message(st, r.text, cfg)
+                if not st.done and not s.think:
+                    tracks[st.dialogue_id].extend(self.tokenizer.render_turn("user", r.text))
+
+        samples = self._finish(states, tracks, group_ids)
+        metrics = self._metrics(states, tracks, samples, stats)
+        return RolloutResult(samples=samples, dialogues=states, metrics=metrics, timing=timing)
+
+    # ------------------------------------------------------------------ outputs
+    def _final_reward(self, st: sim.DialogueState) -> float:
+        return 0.0 if st.done_reason == "format" else float(st.reward)
+
+    def _finish(self, states, tracks, group_ids) -> list[Sample]:
+        samples = []
+        for st, g in zip(states, group_ids):
+            track = tracks[st.dialogue_id]
+            r = self._final_reward(st)
+            if self.settings.think:
+                for sample in track.samples:
+                    sample.reward = r
+                    samples.append(sample)
+            elif any(track.mask):
+                samples.append(Sample(dialogue_id=st.dialogue_id, group_id=g,
+                                      tokens=track.tokens, loss_mask=track.mask,
+                                      logprobs=track.logprobs, raw_logprobs=track.raw,
+                                      reward=r))
+        return samples
+
+    def _metrics(self, states, tracks, samples, stats) -> dict[str, float]:
+        final = np.array([st.emotion for st in states], np.float32)
+        rewards = np.array([self._final_reward(st) for st in states], np.float32)
+        reasons = [st.done_reason for st in states]
+        policy_tokens = sum(t.policy_tokens for t in tracks.values())
+        replies = sum(st.turns for st in states) or 1
+        m = {
+            "reward/mean": float(rewards.mean()),
+            "reward/std": float(rewards.std()),
+            "emotion/final_mean": float(final.mean()),
+            "emotion/success_frac": float(np.mean(final >= 100)),
+            "emotion/failure_frac": float(np.mean(final < 10)),
+            "turns/mean": float(np.mean([st.turns for st in states])),
+            "tokens/policy": float(policy_tokens),
+            "tokens/per_reply": float(policy_tokens / replies),
+            "dialogues": float(len(states)),
+            "samples": float(len(samples)),
+        }
+        m.update({f"rollout/{k}": float(v) for k, v in stats.items()})
+        for reason in ("turn_limit", "emotion_low", "emotion_high", "goodbye", "length",
+                       "format"):
+            m[f"end/{reason}"] = float(np.mean([r == reason for r in reasons]))
+        return m
+
+
+# --------------------------------------------------------------------------- logs
+def dialogue_record(state: sim.DialogueState, step: int | None = None,
+                    reward: float | None = None) -> dict[str, Any]:
+    """A JSON-friendly audit record of one dialogue: every turn, emotion before/after."""
+    profile = state.profile
+    turns = []
+    records = iter(state.records)
+    pending_user = None
+    for role, text in state.history:
+        if role == "user":
+            pending_user = text
+            continue
+        record = next(records, None)
+        split = sim.split_think(text)
+        turns.append({
+            "user": pending_user, "policy_raw": text, "policy_reply": split.reply,
+            "thought": split.thought, "think_closed": split.closed,
+            **({} if record is None else {
+                "emotion_before": record.emotion_before, "emotion_after": record.emotion_after,
+                "delta": record.delta, "raw_delta": record.raw_delta,
+                "parse_ok": record.parse_ok, "parse_failures": record.parse_failures,
+                "analyzer": record.analyzer_text, "user_reply": record.user_reply}),
+        })
+        pending_user = None
+    try:
+        need = hidden_need_category(profile)
+        kind = personality(profile)
+    except (ValueError, AttributeError):
+        need, kind = "other", "unknown"
+    return {
+        "step": step, "dialogue_id": state.dialogue_id, "profile_id": getattr(profile, "id", None),
+        "need": need, "personality": kind, "final_emotion": state.emotion,
+        "reward": state.reward if reward is None else reward, "turns": state.turns,
+        "done_reason": state.done_reason, "opening": state.history[0][1] if state.history else "",
+        "dialogue": turns,
+    }
+
+
+def write_dialogues(path, states: Sequence[sim.DialogueState], step: int | None = None) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        for st in states:
+            f.write(json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------ batching
+def collate(samples: Sequence[Sample], pad_id: int, length_multiple: int = 16,
+            max_length: int | None = None) -> dict[str, np.ndarray]:
+    """Right-padded numpy arrays [B, T] of a list of samples.
+
+    T is the longest sample rounded up to a power of two (at least `length_multiple`), so
+    update steps compile for few shapes. Keys: tokens, attention_mask, loss_mask,
+    sampler_logprobs, sampler_raw_logprobs, rewards (reward on the last policy token),
+    scores [B], group_ids [B].
+    """
+    from rlver_jax.sampling import next_power_of_two
+    longest = max(len(s.tokens) for s in samples)
+    width = next_power_of_two(longest, length_multiple)
+    if max_length is not None and longest > max_length:
+        raise ValueError(f"sample of {longest} tokens exceeds max_length={max_length}")
+    b = len(samples)
+    out = {
+        "tokens": np.full((b, width), pad_id, np.int32),
+        "attention_mask": np.zeros((b, width), np.int32),
+        "loss_mask": np.zeros((b, width), np.int32),
+        "sampler_logprobs": np.zeros((b, width), np.float32),
+        "sampler_raw_logprobs": np.zeros((b, width), np.float32),
+        "rewards": np.zeros((b, width), np.float32),
+        "scores": np.zeros((b,), np.float32),
+        "group_ids": np.zeros((b,), np.int32),
+    }
+    for i, s in enumerate(samples):
+        n = len(s.tokens)
+        out["tokens"][i, :n] = s.tokens
+        out["attention_mask"][i, :n] = 1
+        out["loss_mask"][i, :n] = s.loss_mask
+        out["sampler_logprobs"][i, :n] = s.logprobs
+        out["sampler_raw_logprobs"][i, :n] = s.raw_logprobs
+        policy_positions = np.flatnonzero(np.asarray(s.loss_mask))
+        if len(policy_positions):
+            out["rewards"][i, policy_positions[-1]] = s.reward
+        out["scores"][i] = s.reward
+        out["group_ids"][i] = s.group_id
+    return out

@@ -1,0 +1,544 @@
+"""One RLVER training run: components from a config, then rollout -> advantages -> update.
+
+`Trainer.run()` is what `python -m rlver_jax.train` calls. Each step:
+  1. the step's profiles (a seeded permutation per epoch: a resumed run sees the same ones);
+  2. rollout: batched policy turns and simulated-user turns (`env/rollout.py`);
+  3. old log-probs (trainer-side, compared with the sampler's: the `logprob_gap/*` alarm),
+     reference log-probs when a KL term is on, critic values for PPO;
+  4. advantages: GAE (PPO) or group-normalised outcome rewards (GRPO);
+  5. epochs x mini-batches of policy (and critic) updates;
+  6. metrics.jsonl / TensorBoard / progress bar, dialogue log, Orbax checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rlver_jax import sharding as sharding_lib
+from rlver_jax.env import simulator as sim
+from rlver_jax.env.profiles import SHIPPED, load_profiles
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, collate, dialogue_record
+from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, _mix
+from rlver_jax.metrics import MetricWriter
+from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
+                              load_hf, load_hf_critic)
+from rlver_jax.rl import advantages as adv_lib
+from rlver_jax.rl import losses
+from rlver_jax.rl.update import TrainBatch, TrainState, UpdateSettings, Updater, make_optimizer
+from rlver_jax.sampling import Sampler, next_power_of_two
+from rlver_jax.tokenizer import load_chat_tokenizer
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key."""
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. repeated non-finite updates)."""
+
+
+RULE_SETS = {"fsdp_tensor": sharding_lib.FSDP_TENSOR_RULES,
+             "sampling": sharding_lib.SAMPLING_RULES}
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{key}: {message}")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Value checks that ml_collections' type checks do not cover."""
+    _check(c.rl.algorithm in ("ppo", "grpo"), "rl.algorithm",
+           f"{c.rl.algorithm!r} is not one of ('ppo', 'grpo')")
+    _check(c.simulator.kind in ("llm", "rule"), "simulator.kind",
+           f"{c.simulator.kind!r} is not one of ('llm', 'rule')")
+    _check(c.rollout.batch_dialogues % c.rollout.group_size == 0, "rollout.batch_dialogues",
+           f"{c.rollout.batch_dialogues} is not a multiple of rollout.group_size "
+           f"{c.rollout.group_size}")
+    _check(c.rl.algorithm != "grpo" or c.rollout.group_size >= 2, "rollout.group_size",
+           "GRPO needs at least 2 dialogues per profile")
+    _check(c.total_steps >= 1, "total_steps", "must be >= 1")
+    _check(c.rl.mini_batches >= 1 and c.rl.epochs >= 1, "rl.mini_batches",
+           "mini_batches and epochs must be >= 1")
+    _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
+           f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
+    _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.mesh.rules in RULE_SETS, "mesh.rules",
+           f"{c.mesh.rules!r} is not one of {sorted(RULE_SETS)}")
+    for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
+        section, field = key.split(".")
+        path = c[section][field]
+        if path and not os.path.isdir(path):
+            raise ConfigError(f"config.{key}: model directory not found: {path}")
+
+
+def resolve_profiles(spec: str):
+    """A shipped set name or a jsonl path -> profiles."""
+    path = SHIPPED.get(spec, spec)
+    if not os.path.exists(path):
+        raise ConfigError(f"profiles {spec!r}: no such shipped set ({sorted(SHIPPED)}) or file")
+    return load_profiles(path)
+
+
+def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = None,
+                       **extra) -> sim.SimulatorSettings:
+    overrides = dict(c.simulator.overrides.to_dict()) if c.simulator.overrides else {}
+    overrides.update(extra)
+    try:
+        return sim.settings_from_config({"preset": difficulty or c.simulator.difficulty,
+                                         **overrides})
+    except ValueError as e:
+        raise ConfigError(f"config.simulator: {e}") from e
+
+
+def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
+    cfg = get_preset(section.preset)
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"config.{seed_name}.preset={section.preset!r} has a vocabulary of "
+                          f"{cfg.vocab_size}, smaller than the tokenizer's {tokenizer.vocab_size}")
+    return cfg.replace(param_dtype=section.dtype, dtype=section.dtype,
+                       remat=section.get("remat", "none"),
+                       eos_token_id=tokenizer.im_end_id, bos_token_id=None)
+
+
+def _hf_meta(config: Qwen2Config) -> dict:
+    return {**config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype}
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs (with the arrays' shardings) of a tree: a restore target."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                        tree)
+
+
+@dataclasses.dataclass
+class _Models:
+    policy: Qwen2
+    critic: Any | None
+    reference_params: Any | None
+
+
+class Trainer:
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        validate_config(config)
+        self.config = c = config
+        self.workdir = os.fspath(workdir)
+        self.is_main = jax.process_index() == 0
+        self.mesh = sharding_lib.make_mesh(tuple(c.mesh.shape))
+        self.rules = RULE_SETS[c.mesh.rules]
+        self.tokenizer = load_chat_tokenizer(c.tokenizer)
+        self.profiles = resolve_profiles(c.data.train_profiles)
+        self.ppo = c.rl.algorithm == "ppo"
+        self.kl_on = bool(c.rl.kl_loss_coef or c.rl.kl_reward_coef)
+
+        with jax.set_mesh(self.mesh), sharding_lib.logical_rules(self.rules):
+            self._build_models()
+            self._build_user()
+        self._build_updaters()
+        self.rollout_settings = RolloutSettings(
+            think=c.rollout.think, group_size=c.rollout.group_size,
+            max_turn_tokens=c.rollout.max_turn_tokens,
+            max_dialogue_tokens=c.rollout.max_dialogue_tokens,
+            temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
+            unclosed_think=c.rollout.unclosed_think)
+        self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
+        self._prepare = jax.jit(self._prepare_impl)
+        self.rollout = DialogueRollout(self.tokenizer, self.user, self.sim_settings,
+                                       self.rollout_settings, self.policy_sampler)
+
+    # ---------------------------------------------------------------- components
+    def _build_models(self) -> None:
+        c, tok = self.config, self.tokenizer
+        if c.policy.hf_dir:
+            self.policy_config, policy = load_hf(c.policy.hf_dir, c.policy.dtype, self.mesh,
+                                                 self.rules, remat=c.policy.remat)
+        else:
+            self.policy_config = _model_config(c.policy, tok, "policy")
+            policy = create_model(self.policy_config, c.seed, mesh=self.mesh, rules=self.rules)
+        self.policy_model = policy
+        critic = None
+        if self.ppo:
+            if c.critic.hf_dir:
+                self.critic_config, critic = load_hf_critic(
+                    c.critic.hf_dir, c.critic.dtype, self.mesh, self.rules,
+                    remat=c.policy.remat)
+            else:
+                critic = critic_from_policy(policy)
+                self.critic_config = self.policy_config
+        self.critic_model = critic
+        self.reference_params = None
+        if self.kl_on:
+            if c.reference.hf_dir:
+                _, ref = load_hf(c.reference.hf_dir, c.policy.dtype, self.mesh, self.rules)
+                self.reference_params = nnx.state(ref, nnx.Param)
+            else:
+                self.reference_params = jax.tree.map(jnp.copy, nnx.state(policy, nnx.Param))
+
+    def _build_user(self) -> None:
+        c = self.config
+        self.sim_settings = simulator_settings(c)
+        if c.simulator.kind == "rule":
+            self.user = RuleUser(self.sim_settings)
+            return
+        sim_tok = (load_chat_tokenizer(c.simulator.tokenizer) if c.simulator.tokenizer
+                   else self.tokenizer)
+        if c.simulator.hf_dir:
+            _, sim_model = load_hf(c.simulator.hf_dir, c.simulator.dtype, self.mesh,
+                                   self.rules)
+        else:
+            sim_config = _model_config(c.simulator, sim_tok, "simulator")
+            sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh, rules=self.rules)
+        sampling = SimulatorSampling(
+            temperature=c.simulator.temperature, top_p=c.simulator.top_p,
+            max_analyzer_tokens=c.simulator.max_analyzer_tokens,
+            max_actor_tokens=c.simulator.max_actor_tokens,
+            max_prompt_tokens=c.simulator.max_prompt_tokens)
+        self.user = LLMUser(self.sim_settings, sim_model, sim_tok,
+                            Sampler(sim_model, mesh=self.mesh), sampling)
+
+    def _update_settings(self) -> UpdateSettings:
+        rl = self.config.rl
+        return UpdateSettings(
+            clip_low=rl.clip_low, clip_high=rl.clip_high,
+            dual_clip=rl.dual_clip or None, value_clip=rl.value_clip or None,
+            entropy_coef=rl.entropy_coef, kl_loss_coef=rl.kl_loss_coef,
+            kl_loss_kind=rl.kl_loss_kind, agg_mode=rl.agg_mode,
+            micro_batch_size=rl.micro_batch_size, logprob_chunk=rl.logprob_chunk,
+            temperature=self.config.rollout.temperature or 1.0)
+
+    def _build_updaters(self) -> None:
+        rl, c = self.config.rl, self.config
+        updates_per_step = rl.epochs * rl.mini_batches
+        total = c.total_steps * updates_per_step
+        settings = self._update_settings()
+        self.policy_updater = Updater(
+            self.policy_model, make_optimizer(rl.actor_lr, total, rl.actor_warmup_ratio,
+                                              rl.max_grad_norm, rl.weight_decay), settings)
+        self.policy_state = self.policy_updater.init_state(self.policy_model)
+        self.critic_updater = self.critic_state = None
+        if self.ppo:
+            self.critic_updater = Updater(
+                self.critic_model, make_optimizer(rl.critic_lr, total, rl.critic_warmup_ratio,
+                                                  rl.max_grad_norm, rl.weight_decay),
+                settings, kind="critic")
+            self.critic_state = self.critic_updater.init_state(self.critic_model)
+
+    # ------------------------------------------------------------------- data
+    def profiles_for_step(self, step: int) -> list:
+        """The step's profiles: a seeded permutation per pass over the set, so the order is
+        a pure function of (seed, step) and a resumed run continues it exactly."""
+        c = self.config
+        per_step = c.rollout.batch_dialogues // c.rollout.group_size
+        n = len(self.profiles)
+        chosen = []
+        for k in range(per_step):
+            epoch, pos = divmod(step * per_step + k, n)
+            order = (np.random.default_rng([c.seed, epoch]).permutation(n) if c.data.shuffle
+                     else np.arange(n))
+            chosen.append(self.profiles[int(order[pos])])
+        # Multi-host: each process plays its share of the step's dialogues.
+        return chosen[jax.process_index()::jax.process_count()]
+
+    # ----------------------------------------------------------------- a step
+    def _pad_rows(self, arrays: dict) -> tuple[dict, int]:
+        c = self.config
+        rows = arrays["tokens"].shape[0]
+        # Rows: a power of two (few compiled shapes), divisible by the update split.
+        split = c.rl.mini_batches * max(c.rl.micro_batch_size, 1)
+        padded_rows = max(next_power_of_two(rows), split)
+        padded_rows = -(-padded_rows // split) * split
+        pad = padded_rows - rows
+        if pad:
+            arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+                      for k, v in arrays.items()}
+        return arrays, padded_rows
+
+    def train_step(self, step: int) -> dict[str, float]:
+        c = self.config
+        t_start = time.perf_counter()
+        policy_view = self.policy_updater.model(self.policy_state)
+        profiles = self.profiles_for_step(step)
+        result = self.rollout.run(policy_view, profiles, seed=_mix(c.seed, step),
+                                  id_prefix=f"s{step}")
+        t_rollout = time.perf_counter() - t_start
+        arrays = collate(result.samples, self.tokenizer.pad_id)
+        rows = arrays["tokens"].shape[0]
+        arrays, padded_rows = self._pad_rows(arrays)
+
+        t0 = time.perf_counter()
+        row_advantage = (self._grpo_row_advantages(result, padded_rows) if not self.ppo
+                         else np.zeros((padded_rows,), np.float32))
+        batch, prep_metrics = self._prepare(
+            self.policy_state.params, None if not self.ppo else self.critic_state.params,
+            self.reference_params, {k: jnp.asarray(v) for k, v in arrays.items()},
+            jnp.asarray(row_advantage))
+        metrics = {k: float(v) for k, v in prep_metrics.items()}
+        t_prep = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        update_metrics = self._update(batch, padded_rows, step)
+        t_update = time.perf_counter() - t0
+        metrics.update(update_metrics)
+        metrics.update(result.metrics)
+        step_s = time.perf_counter() - t_start
+        sim_tokens = getattr(self.user, "stats", {}).get("simulator_tokens", 0)
+        self._last_sim_tokens = getattr(self, "_last_sim_tokens", 0)
+        step_sim_tokens = sim_tokens - self._last_sim_tokens
+        self._last_sim_tokens = sim_tokens
+        metrics.update({
+            "time/step_s": step_s, "time/rollout_s": t_rollout, "time/logprobs_s": t_prep,
+            "time/update_s": t_update,
+            "time/policy_sampling_s": result.timing["policy_s"],
+            "time/simulator_s": result.timing["analyzer_s"] + result.timing["actor_s"],
+            "tokens/simulator": float(step_sim_tokens),
+            "tokens/train_rows": float(rows),
+            "throughput/tokens_per_s": (result.metrics["tokens/policy"] + step_sim_tokens)
+            / max(step_s, 1e-9),
+            "throughput/policy_tokens_per_s": result.metrics["tokens/policy"] / max(step_s, 1e-9),
+            "compile/sampler_programs": float(self.policy_sampler.num_compilations),
+        })
+        self._last_rollout = result
+        return metrics
+
+    def _grpo_row_advantages(self, result, rows: int) -> np.ndarray:
+        """Group-normalised dialogue rewards, one per training row [rows]. Computed per
+        dialogue: in think mode a dialogue has one sample per turn and must count once in
+        its group's statistics."""
+        c = self.config
+        dialogue_ids = [st.dialogue_id for st in result.dialogues]
+        rewards = np.array([self.rollout._final_reward(st) for st in result.dialogues],
+                           np.float32)
+        groups = np.repeat(np.arange(len(dialogue_ids) // c.rollout.group_size),
+                           c.rollout.group_size)
+        adv = np.asarray(adv_lib.grpo(jnp.asarray(rewards), jnp.asarray(groups),
+                                      normalize_std=c.rl.grpo_normalize_std))
+        by_id = dict(zip(dialogue_ids, adv))
+        per_row = np.zeros((rows,), np.float32)
+        for i, s in enumerate(result.samples):
+            per_row[i] = by_id[s.dialogue_id]
+        return per_row
+
+    def _prepare_impl(self, policy_params, critic_params, reference_params, arrays,
+                      row_advantage):
+        """Everything between the rollout and the update, in one compiled program:
+        old / reference log-probs, values, KL reward shaping, advantages, and metrics."""
+        c = self.config
+        tokens, attention = arrays["tokens"], arrays["attention_mask"]
+        loss_mask = arrays["loss_mask"]
+        mask_f = loss_mask.astype(jnp.float32)
+        n_tok = jnp.maximum(mask_f.sum(), 1.0)
+        mean = lambda x: (x * mask_f).sum() / n_tok
+        old_logp, entropy = self.policy_updater.forward_logprobs(policy_params, tokens,
+                                                                 attention)
+        gap = jnp.abs(old_logp - arrays["sampler_logprobs"]) * mask_f
+        metrics = {"logprob_gap/mean_abs": gap.sum() / n_tok,
+                   "logprob_gap/max_abs": gap.max(),
+                   "policy/entropy_rollout": mean(entropy)}
+        ref_logp = jnp.zeros_like(old_logp)
+        if reference_params is not None:
+            ref_logp, _ = self.policy_updater.forward_logprobs(reference_params, tokens,
+                                                               attention)
+            metrics["kl/policy_ref_k3"] = mean(losses.kl_penalty(old_logp, ref_logp, "k3"))
+        rewards = arrays["rewards"]
+        if c.rl.kl_reward_coef:
+            kl = losses.kl_penalty(old_logp, ref_logp, c.rl.kl_reward_kind) * mask_f
+            rewards = rewards - c.rl.kl_reward_coef * kl
+            metrics["kl/reward_penalty"] = kl.sum() / n_tok
+        values = jnp.zeros_like(old_logp)
+        if critic_params is not None:
+            values = self.critic_updater.forward_values(critic_params, tokens, attention)
+            advantages, returns = adv_lib.gae(rewards, values, loss_mask, c.rl.gamma, c.rl.lam)
+            metrics["critic/explained_variance_before"] = losses.explained_variance(
+                values, returns, loss_mask)
+        else:
+            advantages = adv_lib.broadcast_sequence_advantage(row_advantage, loss_mask)
+            returns = jnp.zeros_like(advantages)
+        if c.rl.whiten_advantages:
+            advantages = adv_lib.masked_whiten(advantages, loss_mask)
+        metrics["advantage/mean"] = mean(advantages)
+        metrics["advantage/abs_mean"] = mean(jnp.abs(advantages))
+        batch = TrainBatch(tokens=tokens, attention_mask=attention, loss_mask=loss_mask,
+                           old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
+                           returns=returns, old_values=values)
+        return batch, metrics
+
+    @staticmethod
+    @jax.jit
+    def _take_rows(batch: TrainBatch, rows) -> TrainBatch:
+        return jax.tree.map(lambda x: x[rows], batch)
+
+    def _update(self, batch: TrainBatch, rows: int, step: int) -> dict[str, float]:
+        c = self.config
+        sums: dict[str, float] = {}
+        count = 0
+        skipped = 0.0
+        for epoch in range(c.rl.epochs):
+            order = np.random.default_rng([c.seed, step, epoch, 7]).permutation(rows)
+            for part in np.array_split(order, c.rl.mini_batches):
+                # One mini-batch is the whole batch: row order does not change the update.
+                mini = batch if c.rl.mini_batches == 1 else self._take_rows(batch, part)
+                self.policy_state, pm = self.policy_updater.step(self.policy_state, mini)
+                out = {f"policy/{k}": float(v) for k, v in pm.items()}
+                skipped = max(skipped, float(pm["skipped"]))
+                if self.ppo:
+                    self.critic_state, cm = self.critic_updater.step(self.critic_state, mini)
+                    out.update({f"critic/{k}": float(v) for k, v in cm.items()})
+                    skipped = max(skipped, float(cm["skipped"]))
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        metrics = {k: v / count for k, v in sums.items()}
+        metrics["update/skipped"] = skipped
+        return metrics
+
+    # -------------------------------------------------------------- checkpoints
+    def _items(self) -> dict:
+        items = {"policy_params": self.policy_state.params,
+                 "policy_opt": self.policy_state.opt_state}
+        if self.ppo:
+            items.update(critic_params=self.critic_state.params,
+                         critic_opt=self.critic_state.opt_state)
+        return items
+
+    def _meta(self, step: int) -> dict:
+        meta = {"step": step, "config": self.config.to_dict(),
+                "policy_model": _hf_meta(self.policy_config), "tokenizer": self.tokenizer.spec,
+                "policy_update_step": int(self.policy_state.step),
+                "profiles_seen": step * (self.config.rollout.batch_dialogues
+                                         // self.config.rollout.group_size)}
+        if self.ppo:
+            meta["critic_model"] = _hf_meta(self.critic_config)
+            meta["critic_update_step"] = int(self.critic_state.step)
+        return json.loads(json.dumps(meta, default=str))
+
+    def _restore(self, checkpointer) -> int:
+        step = checkpointer.latest_step()
+        if step is None:
+            return 0
+        targets = abstract_like(self._items())
+        step, items, meta = checkpointer.restore(step, targets)
+        self.policy_state = TrainState(step=jnp.int32(meta["policy_update_step"]),
+                                       params=items["policy_params"],
+                                       opt_state=items["policy_opt"])
+        if self.ppo:
+            self.critic_state = TrainState(step=jnp.int32(meta["critic_update_step"]),
+                                           params=items["critic_params"],
+                                           opt_state=items["critic_opt"])
+        return step
+
+    # -------------------------------------------------------------------- run
+    def run(self) -> list[dict]:
+        from rlver_jax.checkpoint import Checkpointer, PreemptionGuard
+
+        c = self.config
+        os.makedirs(self.workdir, exist_ok=True)
+        checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+                                    save_every=c.checkpoint.every, keep=c.checkpoint.keep,
+                                    async_save=c.checkpoint.async_save)
+        start = self._restore(checkpointer)
+        writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
+                              tensorboard=c.log.tensorboard, progress=c.log.progress,
+                              enabled=self.is_main)
+        if start:
+            writer.log(f"resumed from step {start} in {self.workdir}")
+        if self.is_main:
+            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(c.to_dict(), f, indent=2, default=str)
+        history = []
+        bad_in_a_row = 0
+        last_good = start
+        try:
+            with PreemptionGuard() as guard, jax.set_mesh(self.mesh), \
+                    sharding_lib.logical_rules(self.rules):
+                for step in range(start, c.total_steps):
+                    metrics = self.train_step(step)
+                    if metrics["update/skipped"]:
+                        bad_in_a_row += 1
+                        writer.log(f"step {step}: non-finite loss or gradient, update skipped "
+                                   f"({bad_in_a_row} in a row)")
+                        if bad_in_a_row >= c.rl.max_consecutive_nonfinite:
+                            raise TrainingError(
+                                f"{bad_in_a_row} consecutive steps with a non-finite loss or "
+                                f"gradient (last at step {step}); stopping. The last good "
+                                f"checkpoint (step {checkpointer.latest_step()}) is kept in "
+                                f"{os.path.join(self.workdir, 'checkpoints')}")
+                    else:
+                        bad_in_a_row = 0
+                    if c.eval.every and (step + 1) % c.eval.every == 0:
+                        metrics.update(self.evaluate_during_training(step))
+                    writer.write(step, metrics)
+                    history.append({"step": step, **metrics})
+                    self._log_dialogues(step)
+                    done = step + 1
+                    if checkpointer.save(done, self._items(), self._meta(done),
+                                         force=done == c.total_steps or guard.requested):
+                        last_good = done
+                    if guard.requested:
+                        writer.log(f"pre-emption signal: saved step {done}, exiting")
+                        break
+        finally:
+            checkpointer.wait()
+            checkpointer.close()
+            writer.close()
+            if self.is_main and c.log.plots:
+                self._plots()
+        del last_good
+        return history
+
+    def _log_dialogues(self, step: int) -> None:
+        n = self.config.log.dialogues_per_step
+        if not self.is_main or n <= 0:
+            return
+        with open(os.path.join(self.workdir, "dialogues.jsonl"), "a", encoding="utf-8") as f:
+            for st in self._last_rollout.dialogues[:n]:
+                f.write(json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n")
+
+    def _plots(self) -> None:
+        from rlver_jax import plots
+        from rlver_jax.metrics import read_metrics
+        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
+        if not os.path.exists(metrics_path):
+            return
+        records = read_metrics(metrics_path)
+        if records:
+            plots.plot_training_curves(records, os.path.join(self.workdir, "plots",
+                                                             "training_curves.png"))
+        log = os.path.join(self.workdir, "dialogues.jsonl")
+        if os.path.exists(log):
+            with open(log, encoding="utf-8") as f:
+                dialogues = [json.loads(line) for line in f if line.strip()]
+            last_step = dialogues[-1]["step"] if dialogues else None
+            recent = [d for d in dialogues if d["step"] == last_step]
+            first = [d for d in dialogues if d["step"] == dialogues[0]["step"]]
+            plots.plot_emotion_trajectories(
+                first, os.path.join(self.workdir, "plots", "emotion_first_step.png"),
+                title=f"Emotion per turn, step {dialogues[0]['step']}")
+            plots.plot_emotion_trajectories(
+                recent, os.path.join(self.workdir, "plots", "emotion_last_step.png"),
+                title=f"Emotion per turn, step {last_step}")
+
+    def evaluate_during_training(self, step: int) -> dict[str, float]:
+        """A held-out rollout under the evaluation simulator; metrics prefixed `eval/`."""
+        c = self.config
+        profiles = resolve_profiles(c.eval.profiles)[:c.eval.max_dialogues]
+        settings = simulator_settings(c, c.eval.difficulty, use_first_talk=True)
+        user = (RuleUser(settings) if c.simulator.kind == "rule"
+                else LLMUser(settings, self.user.model, self.user.tokenizer, self.user.sampler,
+                             self.user.sampling))
+        ro = DialogueRollout(self.tokenizer, user, settings,
+                             dataclasses.replace(self.rollout_settings, group_size=1,
+                                                 temperature=c.eval.temperature),
+                             self.policy_sampler)
+        result = ro.run(self.policy_updater.model(self.policy_state), profiles,
+                        seed=_mix(c.seed, step, 99), id_prefix=f"eval{step}")
+        return {f"eval/{k}": v for k, v in result.metrics.items()}

@@ -15,9 +15,29 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "ml-collections config file (configs/*.py[:ARG]).",
-    lock_config=True)
+
+
+
+def _config_error(e: Exception, argv) -> str:
+    """One line naming the offending --config.* override (ml_collections raises nested
+    KeyErrors whose text is a quoted repr with a 'Did you mean' hint)."""
+    text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+    text = text.replace("\\\"", '"').strip("'\" ").replace("' Did you mean", "; did you mean")
+    key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
+                and a.split("=")[0].rsplit(".", 1)[-1] in text), None)
+    return f"error: bad config override{f' {key}' if key else ''}: {text}"
+
+
+try:
+    # config_flags reads the overrides in sys.argv while the flag is defined.
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", _DEFAULT_CONFIG, "ml-collections config file (configs/*.py[:ARG]).",
+        lock_config=True)
+except (AttributeError, KeyError) as _e:
+    if __name__ != "__main__":
+        raise
+    print(_config_error(_e, sys.argv), file=sys.stderr)
+    sys.exit(2)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, "
                                "metrics.jsonl, TensorBoard events, dialogue logs and plots.")
 
@@ -46,5 +66,14 @@ def main(argv):
               f"outputs in {_WORKDIR.value}")
 
 
+def parse_flags(argv):
+    """absl's parser, with config-key mistakes reported as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
+        print(_config_error(e, argv), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -456,7 +456,6 @@ class Trainer:
                 json.dump(c.to_dict(), f, indent=2, default=str)
         history = []
         bad_in_a_row = 0
-        last_good = start
         try:
             with PreemptionGuard() as guard, jax.set_mesh(self.mesh), \
                     sharding_lib.logical_rules(self.rules):
@@ -480,10 +479,12 @@ class Trainer:
                     history.append({"step": step, **metrics})
                     self._log_dialogues(step)
                     done = step + 1
-                    if checkpointer.save(done, self._items(), self._meta(done),
-                                         force=done == c.total_steps or guard.requested):
-                        last_good = done
-                    if guard.requested:
+                    # A skipped update left the parameters as they were: nothing new to save.
+                    stop = guard.should_stop(done)  # agreed by every process
+                    if not metrics["update/skipped"] or stop:
+                        checkpointer.save(done, self._items(), self._meta(done),
+                                          force=done == c.total_steps or stop)
+                    if stop:
                         writer.log(f"pre-emption signal: saved step {done}, exiting")
                         break
         finally:
@@ -492,7 +493,6 @@ class Trainer:
             writer.close()
             if self.is_main and c.log.plots:
                 self._plots()
-        del last_good
         return history
 
     def _log_dialogues(self, step: int) -> None:

@@ -1,9 +1,22 @@
-"""Test setup: CPU only, 8 fake devices for sharding tests, float32 matmuls."""
+"""Test setup: CPU only, 8 fake devices for sharding tests, float32 matmuls, and a
+persistent compilation cache shared by the test processes and their subprocesses."""
 
 import os
+from pathlib import Path
+
+# Compile time dominates tiny-model tests on CPU: cheaper LLVM passes cut it by ~25%, and
+# the persistent cache lets every later process (subprocess CLIs, the second Trainer of a
+# resume test) reuse programs instead of compiling them again.
+FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
+FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count=8"
 
 # Must precede the first `import jax` anywhere in the test session.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = " ".join(
+    f for f in (os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_FLAGS, FAKE_DEVICES_FLAG) if f)
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      str(Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -13,6 +26,12 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def single_device_env() -> dict:
+    """The environment for a subprocess that should see one CPU device."""
+    flags = os.environ["XLA_FLAGS"].replace(FAKE_DEVICES_FLAG, "").strip()
+    return {**os.environ, "XLA_FLAGS": flags, "PYTHONUNBUFFERED": "1"}
 
 
 @pytest.fixture(scope="session")

@@ -86,8 +86,10 @@ def make_optimizer(learning_rate: float, total_steps: int, warmup_ratio: float =
                 if warmup > 0 else optax.constant_schedule(learning_rate))
     return optax.chain(
         optax.clip_by_global_norm(max_grad_norm),
-        optax.inject_hyperparams(optax.adamw)(learning_rate=schedule, b1=b1, b2=b2, eps=eps,
-                                              weight_decay=weight_decay))
+        # float32 hyper-parameters: cast to bfloat16 params' dtype, b2=0.999 rounds to 1.0
+        # and Adam's bias correction divides by zero.
+        optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
+            learning_rate=schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
 
 
 def current_learning_rate(opt_state) -> Array:

@@ -1,0 +1,291 @@
+"""Training checkpoint -> Hugging Face directory.
+
+    python -m rlver_jax.export --workdir DIR [--step N] --out DIR [--model policy|critic]
+        [--dtype float32|bfloat16] [--overwrite] [--max_shard_size 5GB] [--tokenizer SPEC]
+
+What training writes (the convention read here): checkpoints live in `WORKDIR/checkpoints`
+(a `rlver_jax.checkpoint.Checkpointer`); array items `policy_params` (the policy's
+`nnx.state(model, nnx.Param)`), `policy_opt`, and optionally `critic_params`, `critic_opt`;
+meta keys `policy_model` / `critic_model` (`Qwen2Config.to_hf_dict()` plus `param_dtype`
+and `dtype`), `tokenizer` (a `load_chat_tokenizer` spec), `step` and `config`.
+
+The output directory holds config.json, safetensors shards (+ index), generation_config.json
+and the tokenizer files with the ChatML template, so `AutoModelForCausalLM.from_pretrained`
+(policy) or `AutoModelForTokenClassification.from_pretrained` (critic: backbone +
+`score.weight`) and `AutoTokenizer.from_pretrained` load it. Files are written into a
+temporary sibling directory and moved into place at the end, so an interrupted export never
+leaves a half-written model under the output name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import sys
+from typing import Sequence
+
+import jax
+from flax import nnx
+
+from rlver_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
+from rlver_jax.models.config import Qwen2Config
+from rlver_jax.models.hf_io import DEFAULT_MAX_SHARD_BYTES, save_hf
+from rlver_jax.models.qwen2 import Qwen2, Qwen2Critic
+from rlver_jax.sharding import make_mesh, param_shardings
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_SUBDIR = "checkpoints"
+MODELS = {"policy": ("policy_params", "policy_model", Qwen2),
+          "critic": ("critic_params", "critic_model", Qwen2Critic)}
+
+
+class ExportError(ValueError):
+    """The workdir, step or output directory cannot be used as asked."""
+
+
+# ------------------------------------------------------------------------------ loading
+def open_workdir(workdir: str | os.PathLike) -> Checkpointer:
+    """A read-only `Checkpointer` on `WORKDIR/checkpoints`, with clear errors."""
+    workdir = os.fspath(workdir)
+    if not os.path.isdir(workdir):
+        raise ExportError(f"workdir not found: {workdir}")
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
+    if not os.path.isdir(ckpt_dir):
+        raise ExportError(f"no checkpoint directory in workdir {workdir} "
+                          f"(expected {ckpt_dir}, written by training)")
+    ckpt = Checkpointer(ckpt_dir, read_only=True)
+    if ckpt.latest_step() is None:
+        raise ExportError(f"no checkpoints in {ckpt_dir}")
+    return ckpt
+
+
+def config_from_meta(meta: dict, key: str, where: str) -> Qwen2Config:
+    """The `Qwen2Config` stored under `meta[key]` (HF dict + param_dtype/dtype entries)."""
+    if key not in meta:
+        raise ExportError(f"{where}: meta has no {key!r} entry (has {sorted(meta)})")
+    hf = dict(meta[key])
+    overrides = {k: hf.pop(k) for k in ("param_dtype", "dtype") if k in hf}
+    hf["_source"] = f"{where} meta[{key!r}]"
+    return Qwen2Config.from_hf_dict(hf, **overrides)
+
+
+def _load_from_workdir(kind: str, workdir, step, mesh, rules=None
+                       ) -> tuple[int, Qwen2Config, nnx.Module, dict]:
+    item, meta_key, cls = MODELS[kind]
+    ckpt = open_workdir(workdir)
+    try:
+        step = ckpt._resolve_step(step)
+        where = f"checkpoint step {step} in {ckpt.directory}"
+        meta = ckpt.restore_meta(step)
+        if item not in ckpt.items_at(step):
+            raise ExportError(f"{where} has no {kind} ({item!r}); it has {ckpt.items_at(step)}")
+        config = config_from_meta(meta, meta_key, where)
+        abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
+        graphdef, abstract_state = nnx.split(abstract)
+        if mesh is None:
+            shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        else:
+            shardings = param_shardings(abstract_state, mesh, rules)
+        target = abstract_like(abstract_state, shardings)
+        _, restored, meta = ckpt.restore(step, targets={item: target})
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    finally:
+        ckpt.close()
+    model = nnx.merge(graphdef, restored[item])
+    return step, config, model, meta
+
+
+def load_policy_from_workdir(workdir: str | os.PathLike, step: int | None = None, mesh=None,
+                             rules=None) -> tuple[Qwen2Config, Qwen2, dict]:
+    """(config, policy model, meta) of a training checkpoint (default: the latest step).
+
+    With `mesh`, the parameters land sharded by their logical axes (`rules`: the rule table,
+    default `FSDP_TENSOR_RULES`); otherwise on the first local device.
+    """
+    _, config, model, meta = _load_from_workdir("policy", workdir, step, mesh, rules)
+    return config, model, meta
+
+
+def load_critic_from_workdir(workdir: str | os.PathLike, step: int | None = None, mesh=None,
+                             rules=None) -> tuple[Qwen2Config, Qwen2Critic, dict]:
+    """(config, critic model, meta) of a training checkpoint that trained a critic."""
+    _, config, model, meta = _load_from_workdir("critic", workdir, step, mesh, rules)
+    return config, model, meta
+
+
+# ------------------------------------------------------------------------------ export
+def parse_size(text: str | int) -> int:
+    """'5GB' -> 5e9 bytes, '2GiB' -> 2 * 2**30, '800MB', '1000' (bytes); as transformers."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not m:
+        raise ValueError(f"bad size {text!r}: expected e.g. 5GB, 500MB, 2GiB or a byte count")
+    number, unit = float(m.group(1)), m.group(2)
+    if unit.endswith("IB"):
+        scale = 1024 ** ("KMGT".index(unit[0]) + 1)
+    elif unit and unit[0] in "KMGT":
+        scale = 1000 ** ("KMGT".index(unit[0]) + 1)
+    else:
+        scale = 1
+    size = int(number * scale)
+    if size <= 0:
+        raise ValueError(f"bad size {text!r}: must be positive")
+    return size
+
+
+def _check_out_dir(out: str, workdir: str, overwrite: bool) -> None:
+    out_real, work_real = os.path.realpath(out), os.path.realpath(workdir)
+    if out_real == work_real or work_real.startswith(out_real + os.sep):
+        raise ExportError(f"output directory {out} would contain the workdir {workdir}; "
+                          "choose another --out")
+    ckpt_real = os.path.join(work_real, CHECKPOINT_SUBDIR)
+    if out_real == ckpt_real or out_real.startswith(ckpt_real + os.sep):
+        raise ExportError(f"output directory {out} is inside the checkpoint directory")
+    if os.path.exists(out):
+        if not os.path.isdir(out):
+            raise ExportError(f"output path {out} exists and is not a directory")
+        if os.listdir(out) and not overwrite:
+            raise ExportError(f"output directory {out} is not empty; pass --overwrite to "
+                              "replace its contents")
+
+
+def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, step: int | None = None,
+                   model: str = "policy", dtype: str | None = None, overwrite: bool = False,
+                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                   tokenizer: str | None = None, mesh=None) -> list[str]:
+    """Writes the policy or critic of a training checkpoint as an HF directory.
+
+    `dtype` defaults to the parameters' training dtype; `tokenizer` overrides the spec
+    stored in the checkpoint. Returns the written file names (relative to `out`).
+    """
+    return _export(workdir, out, step, model, dtype, overwrite, max_shard_bytes, tokenizer,
+                   mesh)[1]
+
+
+def _export(workdir, out, step, model, dtype, overwrite, max_shard_bytes, tokenizer, mesh
+            ) -> tuple[int, list[str]]:
+    workdir, out = os.fspath(workdir), os.fspath(out)
+    if model not in MODELS:
+        raise ExportError(f"--model={model!r}: expected one of {sorted(MODELS)}")
+    if dtype not in (None, "float32", "bfloat16", "float16"):
+        raise ExportError(f"--dtype={dtype!r}: expected float32, bfloat16 or float16")
+    _check_out_dir(out, workdir, overwrite)
+    step, config, module, meta = _load_from_workdir(model, workdir, step, mesh)
+    log.info("exporting %s of step %d from %s", model, step, workdir)
+
+    from rlver_jax.tokenizer import load_chat_tokenizer
+    spec = tokenizer or meta.get("tokenizer")
+    tok = None
+    if spec:
+        try:
+            tok = load_chat_tokenizer(spec)
+        except (FileNotFoundError, ValueError) as e:
+            raise ExportError(f"cannot load the checkpoint's tokenizer {spec!r}: {e}; pass "
+                              "--tokenizer to use another") from e
+    generation = {}
+    if tok is not None:
+        # The policy ends its turns with <|im_end|>; sampling must stop there.
+        generation = {"eos_token_id": list(tok.eos_ids), "pad_token_id": tok.pad_id}
+
+    # Written next to `out` and renamed at the end: an interrupted export leaves no
+    # half-written model under the final name. The name is fixed so that every process of
+    # a multi-host export agrees on it (only process 0 writes files).
+    out_abs = os.path.abspath(out)
+    tmp = out_abs.rstrip(os.sep) + ".export-tmp"
+    writer = jax.process_index() == 0
+    if writer and os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    files = save_hf(module, config, tmp, dtype=dtype, max_shard_bytes=max_shard_bytes,
+                    generation_config=generation)
+    if not writer:
+        return step, files
+    if tok is not None:
+        before = set(os.listdir(tmp))
+        tok.save_pretrained(tmp)
+        files += sorted(set(os.listdir(tmp)) - before)
+    if os.path.exists(out_abs):
+        old = out_abs.rstrip(os.sep) + ".export-old"
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        os.rename(out_abs, old)
+        os.rename(tmp, out_abs)
+        shutil.rmtree(old)
+    else:
+        os.makedirs(os.path.dirname(out_abs), exist_ok=True)
+        os.rename(tmp, out_abs)
+    return step, files
+
+
+# --------------------------------------------------------------------------------- CLI
+def _define_flags():
+    # A private FlagValues: evaluate.py / train.py import this module and define their own
+    # --workdir; absl's global registry would reject the duplicate.
+    from absl import flags
+    fv = flags.FlagValues()
+    flags.DEFINE_string("workdir", None, "training workdir (holds checkpoints/)", flag_values=fv)
+    flags.DEFINE_string("out", None, "output HF directory", flag_values=fv)
+    flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
+    flags.DEFINE_enum("model", "policy", sorted(MODELS), "which model to export", flag_values=fv)
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                      "weight dtype (default: the training param dtype)", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace a non-empty output directory", flag_values=fv)
+    flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file (5GB, 2GiB, ...)",
+                        flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "tokenizer spec overriding the checkpoint's "
+                        "('tiny', 'qwen2.5' or an HF tokenizer directory)", flag_values=fv)
+    flags.DEFINE_string("mesh", "", "load sharded on a (data,fsdp,tensor) mesh, e.g. '1,-1,1' "
+                        "(default: one device)", flag_values=fv)
+    flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
+    return fv
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 ok, 1 export error, 2 usage error)."""
+    from absl import flags
+    argv = list(sys.argv if argv is None else argv)
+    fv = _define_flags()
+    if any(a in ("-h", "--help", "-help") for a in argv[1:]):
+        usage = __doc__.strip().split("\n\n")[1]
+        print(usage + "\n\n" + fv.get_help(include_special_flags=False))
+        return 0
+    try:
+        rest = fv(argv)
+        if len(rest) > 1:
+            raise flags.Error(f"unexpected arguments: {rest[1:]}")
+        max_shard_bytes = parse_size(fv.max_shard_size)
+        mesh = None
+        if fv.mesh:
+            mesh = make_mesh([int(s) for s in fv.mesh.split(",")])
+    except (flags.Error, ValueError) as e:
+        print(f"usage error: {e}\n\n{fv.get_help(include_special_flags=False)}", file=sys.stderr)
+        return 2
+    try:
+        step, files = _export(fv.workdir, fv.out, fv.step, fv.model, fv.dtype, fv.overwrite,
+                              max_shard_bytes, fv.tokenizer, mesh)
+    except ExportError as e:
+        print(f"export error: {e}", file=sys.stderr)
+        return 1
+    if jax.process_index() == 0:
+        sizes = {f: os.path.getsize(os.path.join(fv.out, f)) for f in files}
+        print(f"exported {fv.model} of step {step} from {fv.workdir} to {fv.out}: "
+              f"{len(files)} files, {_human(sum(sizes.values()))}")
+        for f in files:
+            print(f"  {f:40s} {_human(sizes[f]):>10s}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""End to end: the train command, resume, pre-emption, config errors, learning."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from rlver_jax.metrics import REQUIRED_KEYS, read_metrics
+from rlver_jax.trainer import ConfigError, Trainer
+from tests.conftest import single_device_env
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small enough for CI: 2 profiles x 2 dialogues, short replies.
+SMALL = ["--config.rollout.batch_dialogues=4", "--config.rollout.group_size=2",
+         "--config.rollout.max_turn_tokens=8", "--config.log.progress=false"]
+# Keys that depend on wall time, not on the computation.
+TIMING_PREFIXES = ("time/", "throughput/")
+
+
+def small_config(total_steps: int):
+    c = tiny.get_config()
+    c.total_steps = total_steps
+    c.rollout.batch_dialogues = 4
+    c.rollout.group_size = 2
+    c.rollout.max_turn_tokens = 8
+    c.checkpoint.every = 1
+    c.mesh.shape = (1, 1, 1)
+    c.log.progress = False
+    c.log.plots = False
+    return c
+
+
+def run_cli(workdir, *args, timeout=600, check=True):
+    env = single_device_env()
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlver_jax.train", f"--workdir={workdir}", *SMALL, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def comparable(records):
+    return [{k: v for k, v in r.items() if not k.startswith(TIMING_PREFIXES)} for r in records]
+
+
+def test_cli_end_to_end_writes_metrics_checkpoints_logs_and_plots(tmp_path):
+    proc = run_cli(tmp_path, "--config.total_steps=2", "--config.checkpoint.every=1")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [0, 1]
+    for r in records:
+        assert set(REQUIRED_KEYS) <= set(r)
+        assert 0.0 <= r["reward/mean"] <= 1.0
+        assert r["reward/mean"] == pytest.approx(r["emotion/final_mean"] / 100, abs=1e-6)
+        assert 1 <= r["turns/mean"] <= 8           # the hard preset's turn limit
+        assert r["tokens/policy"] > 0 and r["time/step_s"] > 0
+        assert r["logprob_gap/max_abs"] < 1e-4      # sampler and trainer agree
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]
+    dialogues = [json.loads(line) for line in open(tmp_path / "dialogues.jsonl")]
+    assert {d["step"] for d in dialogues} == {0, 1}
+    for d in dialogues:
+        assert d["dialogue"] and d["reward"] == pytest.approx(d["final_emotion"] / 100)
+    for png in ("training_curves.png", "emotion_first_step.png", "emotion_last_step.png"):
+        assert (tmp_path / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tensorboard"))
+    assert "reward/mean" in proc.stdout
+
+
+def test_resume_gives_the_same_metrics_as_a_straight_run(tmp_path):
+    straight = Trainer(small_config(3), str(tmp_path / "straight")).run()
+    Trainer(small_config(2), str(tmp_path / "resumed")).run()
+    # A new process would do the same: a fresh Trainer restores step 2 and goes on.
+    resumed_tail = Trainer(small_config(3), str(tmp_path / "resumed")).run()
+    assert [r["step"] for r in resumed_tail] == [2]
+    on_disk = read_metrics(tmp_path / "resumed" / "metrics.jsonl")
+    assert [r["step"] for r in on_disk] == [0, 1, 2]
+    a, b = comparable(straight), comparable(on_disk)
+    assert a[2].keys() == b[2].keys()
+    for ra, rb in zip(a, b):
+        for key in ra:
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
+    env = single_device_env()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlver_jax.train", f"--workdir={tmp_path}", *SMALL,
+         "--config.total_steps=1000", "--config.checkpoint.every=1000"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.time() + 500
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and read_metrics(metrics):
+            break
+        time.sleep(0.5)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "pre-emption" in err
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints"))
+    done = len(read_metrics(metrics))
+    assert steps == [done]                  # saved on the signal, not by the schedule
+    from rlver_jax.checkpoint import Checkpointer
+    checkpointer = Checkpointer(tmp_path / "checkpoints", save_every=1, keep=1)
+    assert checkpointer.latest_step() == done
+    assert checkpointer.restore_meta(done)["step"] == done
+    checkpointer.close()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--config.rl.clip_hgh=0.3"], 'did you mean "clip_high"'),
+    (["--config.policy.hf_dir=/nonexistent/qwen"], "config.policy.hf_dir"),
+    (["--config.rl.algorithm=ddpg"], "config.rl.algorithm"),
+])
+def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
+    proc = run_cli(tmp_path, "--config.total_steps=1", *args, check=False, timeout=300)
+    assert proc.returncode != 0
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_empty_profile_file_names_the_file(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    c = small_config(1)
+    c.data.train_profiles = str(empty)
+    with pytest.raises(ValueError, match="empty.jsonl"):
+        Trainer(c, str(tmp_path / "w"))
+    c.data.train_profiles = "no_such_set"
+    with pytest.raises(ConfigError, match="no_such_set"):
+        Trainer(c, str(tmp_path / "w"))
+
+
+def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
+    c = small_config(6)
+    trainer = Trainer(c, str(tmp_path))
+    prepare = trainer._prepare
+
+    def poisoned(*args):
+        batch, metrics = prepare(*args)
+        # From the second step on every advantage is NaN: the loss is NaN, updates skip.
+        if trainer._steps_prepared >= 1:
+            batch = batch.replace(advantages=batch.advantages * float("nan"))
+        trainer._steps_prepared += 1
+        return batch, metrics
+
+    trainer._steps_prepared = 0
+    trainer._prepare = poisoned
+    from rlver_jax.trainer import TrainingError
+    with pytest.raises(TrainingError, match=r"3 consecutive steps.*last good checkpoint \(step 1\)"):
+        trainer.run()
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["update/skipped"] for r in records] == [0.0, 1.0, 1.0]
+    # Skipped steps wrote no checkpoint: the last one holds the last good parameters.
+    assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [1]

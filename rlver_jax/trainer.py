@@ -47,8 +47,9 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite updates)."""
 
 
-RULE_SETS = {"fsdp_tensor": sharding_lib.FSDP_TENSOR_RULES,
-             "sampling": sharding_lib.SAMPLING_RULES}
+# Simulator knobs whose "off" value is None; on the command line -1 means off.
+OPTIONAL_BOUNDS = ("delta_clamp", "end_below", "end_at_or_above", "emotion_floor")
+
 
 
 def _check(condition: bool, key: str, message: str) -> None:
@@ -73,8 +74,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
-    _check(c.mesh.rules in RULE_SETS, "mesh.rules",
-           f"{c.mesh.rules!r} is not one of {sorted(RULE_SETS)}")
+    _check(c.mesh.rules in sharding_lib.RULE_PRESETS, "mesh.rules",
+           f"{c.mesh.rules!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
     for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
         section, field = key.split(".")
         path = c[section][field]
@@ -92,7 +93,11 @@ def resolve_profiles(spec: str):
 
 def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = None,
                        **extra) -> sim.SimulatorSettings:
-    overrides = dict(c.simulator.overrides.to_dict()) if c.simulator.overrides else {}
+    overrides = {}
+    for key, value in c.simulator.overrides.items():
+        if value is None:
+            continue  # not set: the preset decides
+        overrides[key] = None if (key in OPTIONAL_BOUNDS and value == -1) else value
     overrides.update(extra)
     try:
         return sim.settings_from_config({"preset": difficulty or c.simulator.difficulty,
@@ -135,7 +140,7 @@ class Trainer:
         self.workdir = os.fspath(workdir)
         self.is_main = jax.process_index() == 0
         self.mesh = sharding_lib.make_mesh(tuple(c.mesh.shape))
-        self.rules = RULE_SETS[c.mesh.rules]
+        self.rules = sharding_lib.get_rules(c.mesh.rules)
         self.tokenizer = load_chat_tokenizer(c.tokenizer)
         self.profiles = resolve_profiles(c.data.train_profiles)
         self.ppo = c.rl.algorithm == "ppo"

@@ -161,3 +161,17 @@ def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(t
     assert [r["update/skipped"] for r in records] == [0.0, 1.0, 1.0]
     # Skipped steps wrote no checkpoint: the last one holds the last good parameters.
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [1]
+
+
+def test_tiny_policy_learns_against_the_rule_judge(tmp_path):
+    """The embedded default's promise: with a fixed seed the reward rises (TOY judge)."""
+    c = tiny.get_config()
+    c.total_steps = 30
+    c.mesh.shape = (1, 1, 1)
+    c.checkpoint.every = 1000
+    c.log.progress = False
+    c.log.plots = False
+    history = Trainer(c, str(tmp_path)).run()
+    rewards = [r["reward/mean"] for r in history]
+    first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
+    assert last > first + 0.1, (first, last, rewards)

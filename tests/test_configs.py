@@ -1,0 +1,72 @@
+"""The config files: RLVER defaults, the ablation grid, validation errors."""
+
+import itertools
+
+import pytest
+
+from configs import base, rlver, tiny, tiny_llm
+from rlver_jax.models import PRESETS
+from rlver_jax.trainer import ConfigError, simulator_settings, validate_config
+
+
+def test_base_has_the_reference_hyper_parameters():
+    c = base.get_config()
+    assert (c.rl.algorithm, c.rl.actor_lr, c.rl.critic_lr) == ("ppo", 1e-6, 5e-6)
+    assert (c.rl.actor_warmup_ratio, c.rl.critic_warmup_ratio) == (0.02, 0.05)
+    assert (c.rl.clip_low, c.rl.clip_high, c.rl.value_clip, c.rl.entropy_coef) == (
+        0.2, 0.2, 0.5, 0.001)
+    assert (c.rl.gamma, c.rl.lam, c.rl.kl_loss_coef, c.rl.kl_reward_coef) == (1.0, 1.0, 0, 0)
+    assert (c.rl.epochs, c.rl.mini_batches, c.rl.max_grad_norm) == (1, 1, 1.0)
+    assert c.rollout.batch_dialogues == 32 and c.rollout.temperature == 1.0
+    assert c.policy.preset == "qwen2.5-7b" and c.rollout.think
+    validate_config(c)
+
+
+@pytest.mark.parametrize("algo,think,difficulty,policy", itertools.product(
+    rlver.ALGOS, rlver.THINK, rlver.DIFFICULTIES, rlver.POLICIES))
+def test_every_grid_cell_builds_and_validates(algo, think, difficulty, policy):
+    c = rlver.get_config(f"{algo},{think},{difficulty},{policy}")
+    validate_config(c)
+    assert c.rl.algorithm == algo and c.rollout.think == (think == "think")
+    assert c.policy.preset in PRESETS and c.simulator.preset in PRESETS
+    assert c.rollout.group_size == (4 if algo == "grpo" else 1)
+    settings = simulator_settings(c)
+    expected_start = {"sage": 40, "hard": 30, "strict": 30}[difficulty]
+    assert settings.start_emotion == expected_start
+
+
+def test_grid_rejects_a_bad_argument_and_names_it():
+    with pytest.raises(ValueError, match="DIFFICULTY='medium'"):
+        rlver.get_config("ppo,think,medium,qwen2.5-7b")
+    with pytest.raises(ValueError, match="ALGO,THINK,DIFFICULTY,POLICY"):
+        rlver.get_config("ppo,think")
+    assert rlver.get_config("grpo,nothink,sage,qwen2.5-0.5b,qwen2.5-72b").simulator.preset == (
+        "qwen2.5-72b")
+
+
+def test_simulator_overrides_and_optional_bounds():
+    c = rlver.get_config("ppo,think,sage,qwen2.5-7b")
+    c.simulator.overrides.start_emotion = 55
+    c.simulator.overrides.delta_clamp = -1     # -1 switches the clamp off
+    s = simulator_settings(c)
+    assert s.start_emotion == 55 and s.delta_clamp is None and s.max_turns == 10
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("rl.algorithm", "a2c", "config.rl.algorithm"),
+    ("rollout.batch_dialogues", 30, "config.rollout.batch_dialogues"),
+    ("simulator.kind", "api", "config.simulator.kind"),
+    ("rl.dual_clip", 0.5, "config.rl.dual_clip"),
+    ("mesh.rules", "zero", "config.mesh.rules"),
+])
+def test_validation_names_the_key(key, value, needle):
+    c = rlver.get_config("grpo,think,hard,qwen2.5-7b")
+    section, field = key.split(".")
+    c[section][field] = value
+    with pytest.raises(ConfigError, match=needle):
+        validate_config(c)
+
+
+def test_tiny_configs_validate():
+    for module in (tiny, tiny_llm):
+        validate_config(module.get_config())

@@ -92,3 +92,36 @@ def plot_score_distribution(final_emotions: Sequence[float], out_path: str,
     fig.savefig(out_path, dpi=110)
     plt.close(fig)
     return out_path
+
+
+def plot_breakdown(breakdown: Mapping[str, Mapping[str, float]], out_path: str,
+                   title: str = "Final emotion by category") -> str:
+    """Horizontal bars of the mean final emotion per category (e.g. hidden need), each
+    annotated with its dialogue count and success / failure counts.
+
+    `breakdown` maps a category to a dict with `mean_emotion`, `n`, `success`, `failure`
+    (the evaluation report's `by_need` / `by_personality`).
+    """
+    names = list(breakdown)
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(names), 1) + 1.6))
+    if names:
+        means = [float(breakdown[k]["mean_emotion"]) for k in names]
+        ys = np.arange(len(names))
+        ax.barh(ys, means, color="tab:blue", alpha=0.8)
+        for y, k, m in zip(ys, names, means):
+            row = breakdown[k]
+            ax.text(min(m, 100) + 1, y, f"n={row['n']}  S={row['success']}  F={row['failure']}",
+                    va="center", fontsize=8)
+        ax.set_yticks(ys)
+        ax.set_yticklabels(names, fontsize=8)
+        ax.invert_yaxis()  # first category on top
+    for y in (10, 40, 70, 100):
+        ax.axvline(y, color="grey", linestyle=":", linewidth=0.8)
+    ax.set_xlim(0, 130)  # room for the count labels right of a bar at 100
+    ax.set_xlabel("mean final emotion")
+    ax.set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -533,17 +533,18 @@ class Trainer:
                 title=f"Emotion per turn, step {last_step}")
 
     def evaluate_during_training(self, step: int) -> dict[str, float]:
-        """A held-out rollout under the evaluation simulator; metrics prefixed `eval/`."""
+        """A held-out evaluation under the evaluation simulator (`eval.*`), as
+        `python -m rlver_jax.evaluate` runs it; metrics prefixed `eval/`."""
+        from rlver_jax.evaluate import evaluate_policy
         c = self.config
         profiles = resolve_profiles(c.eval.profiles)[:c.eval.max_dialogues]
         settings = simulator_settings(c, c.eval.difficulty, use_first_talk=True)
         user = (RuleUser(settings) if c.simulator.kind == "rule"
                 else LLMUser(settings, self.user.model, self.user.tokenizer, self.user.sampler,
                              self.user.sampling))
-        ro = DialogueRollout(self.tokenizer, user, settings,
-                             dataclasses.replace(self.rollout_settings, group_size=1,
-                                                 temperature=c.eval.temperature),
-                             self.policy_sampler)
-        result = ro.run(self.policy_updater.model(self.policy_state), profiles,
-                        seed=_mix(c.seed, step, 99), id_prefix=f"eval{step}")
-        return {f"eval/{k}": v for k, v in result.metrics.items()}
+        report = evaluate_policy(
+            self.policy_updater.model(self.policy_state), self.tokenizer, user, profiles,
+            settings, dataclasses.replace(self.rollout_settings,
+                                          temperature=c.eval.temperature),
+            self.policy_sampler, seed=_mix(c.seed, step, 99), id_prefix=f"eval{step}-")
+        return report.metrics("eval/")

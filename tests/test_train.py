@@ -52,9 +52,12 @@ def comparable(records):
 
 
 def test_cli_end_to_end_writes_metrics_checkpoints_logs_and_plots(tmp_path):
-    proc = run_cli(tmp_path, "--config.total_steps=2", "--config.checkpoint.every=1")
+    proc = run_cli(tmp_path, "--config.total_steps=2", "--config.checkpoint.every=1",
+                   "--config.eval.every=2", "--config.eval.max_dialogues=2")
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1]
+    # The held-out evaluation ran after step 1 under the sage protocol (start 40).
+    assert "eval/score" not in records[0] and 0 <= records[1]["eval/score"] <= 100
     for r in records:
         assert set(REQUIRED_KEYS) <= set(r)
         assert 0.0 <= r["reward/mean"] <= 1.0

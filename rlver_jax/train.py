@@ -40,6 +40,10 @@ except (AttributeError, KeyError) as _e:
     sys.exit(2)
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, "
                                "metrics.jsonl, TensorBoard events, dialogue logs and plots.")
+_CACHE = flags.DEFINE_string(
+    "compilation_cache", os.path.join("~", ".cache", "rlver_jax", "xla"),
+    "Persistent XLA compilation cache ('' disables): a second run of the same config "
+    "skips most compilation.")
 
 
 def main(argv):
@@ -49,17 +53,29 @@ def main(argv):
     # (--verbosity=0 brings them back).
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+    import jax
+    if _CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     from rlver_jax import distributed
     distributed.maybe_initialize()
+    from rlver_jax.checkpoint import CheckpointError
+    from rlver_jax.env.profiles import ProfileError
+    from rlver_jax.models import CheckpointFormatError
     from rlver_jax.trainer import ConfigError, Trainer, TrainingError
     try:
         trainer = Trainer(_CONFIG.value, _WORKDIR.value)
         history = trainer.run()
-    except (ConfigError, TrainingError, FileNotFoundError) as e:
+    except (ConfigError, TrainingError, FileNotFoundError, ProfileError, CheckpointError,
+            CheckpointFormatError) as e:
         logging.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
-    if history:
+    if not history:
+        print(f"nothing to do: {_WORKDIR.value} already holds the final step "
+              f"({_CONFIG.value.total_steps}); pass another --workdir or a larger "
+              "--config.total_steps to continue")
+    else:
         first, last = history[0], history[-1]
         print(f"done: steps {first['step']}..{last['step']}, reward/mean "
               f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}; "

@@ -1,9 +1,15 @@
-"""Logical-axis sharding: names on parameters and activations, a rule table, meshes.
+"""Logical-axis sharding: names on parameters and activations, rule tables, meshes.
 
 Every parameter carries `logical_axes` metadata (e.g. ``("embed", "mlp")``). A rule table
 maps each logical name to mesh axes; `logical_to_spec` turns names into a `PartitionSpec`,
 dropping mesh axes that do not divide the dimension (a 2-head KV projection on a 4-way
 tensor axis stays replicated instead of failing to shard).
+
+Rule presets (`RULE_PRESETS`, chosen by `config.mesh.rules`): `fsdp` (pure FSDP),
+`fsdp_tensor` (FSDP over `fsdp`, Megatron-style tensor parallelism over `tensor`) and
+`sampling` (weights replicated over `fsdp`, split over `tensor` only: decoding one token
+at a time cannot amortise an all-gather of every weight per step). `reshard` moves a tree
+between layouts device to device.
 """
 
 from __future__ import annotations
@@ -34,9 +40,50 @@ FSDP_TENSOR_RULES: dict[str, object] = {
     "layers": None,
     "norm": None,
 }
+# Pure FSDP (ZeRO-3 style): every weight is split along its embedding dimension over all
+# model-parallel devices and gathered layer by layer; no tensor-parallel matmuls. A tensor
+# axis of size > 1 is folded into the FSDP split rather than left idle.
+FSDP_RULES: dict[str, object] = {
+    **FSDP_TENSOR_RULES,
+    "batch": ("data", "fsdp", "tensor"),
+    "vocab": None, "heads": None, "kv_heads": None, "mlp": None,
+    "embed": ("fsdp", "tensor"),
+}
 # Sampling keeps weights whole on each fsdp shard (no all-gather per decode step) and splits
 # only over the tensor axis.
 SAMPLING_RULES: dict[str, object] = {**FSDP_TENSOR_RULES, "embed": None}
+
+RULE_PRESETS: dict[str, dict[str, object]] = {
+    "fsdp": FSDP_RULES,
+    "fsdp_tensor": FSDP_TENSOR_RULES,
+    "sampling": SAMPLING_RULES,
+}
+
+
+def get_rules(rules: str | Mapping[str, object] | None = None,
+              base: str = "fsdp_tensor") -> dict[str, object]:
+    """A rule table from a preset name, or a mapping of overrides on top of `base`.
+
+    Config values arrive as ml_collections objects: tuples may come back as lists, so
+    entries are normalised to None, a name or a tuple of names.
+    """
+    if rules is None:
+        rules = base
+    if isinstance(rules, str):
+        if rules not in RULE_PRESETS:
+            raise KeyError(f"unknown sharding rules {rules!r}; known: {sorted(RULE_PRESETS)}")
+        return dict(RULE_PRESETS[rules])
+    table = dict(RULE_PRESETS[base])
+    for name, axes in dict(rules).items():
+        if axes is not None and not isinstance(axes, str):
+            axes = tuple(axes)
+        for axis in _mesh_axes_of(axes):
+            if axis not in MESH_AXES:
+                raise KeyError(f"rule {name!r} -> {axes!r}: unknown mesh axis {axis!r}; "
+                               f"expected one of {MESH_AXES}")
+        table[name] = axes
+    return table
+
 
 _RULES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
     "rlver_jax_logical_rules", default=FSDP_TENSOR_RULES)
@@ -120,6 +167,7 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
         sizes = [int(s) for s in shape]
     if len(sizes) != len(MESH_AXES):
         raise ValueError(f"mesh shape {sizes} must have {len(MESH_AXES)} entries {MESH_AXES}")
+    shape_in = list(sizes)
     devices = list(jax.devices() if devices is None else devices)
     if sizes.count(-1) > 1:
         raise ValueError(f"mesh shape {sizes}: at most one -1")
@@ -128,6 +176,10 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
         if len(devices) % known:
             raise ValueError(f"mesh shape {sizes} does not divide {len(devices)} devices")
         sizes[sizes.index(-1)] = len(devices) // known
+    if -1 not in shape_in and math.prod(sizes) < len(devices):
+        # A fully specified smaller mesh uses the first devices (a sub-mesh, e.g. one
+        # device of a host for a tiny run).
+        devices = devices[:math.prod(sizes)]
     if math.prod(sizes) != len(devices):
         raise ValueError(f"mesh shape {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} "
                          f"devices, {len(devices)} available")
@@ -135,21 +187,102 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
                          devices=devices)
 
 
+def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh of a config's `mesh` block (`shape` = (data, fsdp, tensor), one may be -1)."""
+    shape = getattr(mesh_config, "shape", mesh_config)
+    return make_mesh(tuple(int(s) for s in shape), devices)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _leaf_sharding(leaf, mesh: Mesh, mesh_shape: Mapping[str, int],
+                   rules: Mapping[str, object] | None) -> NamedSharding:
+    axes = getattr(leaf, "logical_axes", None) if _is_variable(leaf) else None
+    if axes is None:
+        return NamedSharding(mesh, P())
+    value = leaf.get_value() if hasattr(leaf, "get_value") else leaf.value
+    return NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh_shape, rules))
+
+
+def tree_shardings(tree, mesh: Mesh, rules: Mapping[str, object] | None = None):
+    """NamedShardings for any tree that holds nnx Variables (concrete or abstract).
+
+    Variables with `logical_axes` metadata are sharded by the rule table; every other leaf
+    (step counters, optimiser scalars) is replicated. Optax keeps the Variable wrappers of
+    the parameters in its moment trees, so a whole `TrainState` (params + Adam mu / nu)
+    gets the parameters' layout with one call. The result has a `NamedSharding` in place
+    of each Variable: a tree prefix of `tree`, as `jax.jit(out_shardings=...)` accepts.
+    """
+    mesh_shape = dict(mesh.shape)
+    return jax.tree.map(lambda leaf: _leaf_sharding(leaf, mesh, mesh_shape, rules), tree,
+                        is_leaf=_is_variable)
+
+
 def param_shardings(model_state: nnx.State, mesh: Mesh,
                     rules: Mapping[str, object] | None = None):
     """A tree of NamedShardings matching `model_state`, from each variable's logical axes."""
-    mesh_shape = dict(mesh.shape)
+    return tree_shardings(model_state, mesh, rules)
 
-    def one(var):
-        axes = getattr(var, "logical_axes", None)
-        value = var.get_value() if hasattr(var, "get_value") else var.value
-        if axes is None:
-            spec = P()
-        else:
-            spec = logical_to_spec(axes, value.shape, mesh_shape, rules)
-        return NamedSharding(mesh, spec)
 
-    return jax.tree.map(one, model_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def _leaf_shardings(tree, shardings):
+    """`shardings` (a prefix tree from `tree_shardings`) expanded to one per array leaf."""
+    return jax.tree.map(lambda sharding, sub: jax.tree.map(lambda _: sharding, sub),
+                        shardings, tree, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding))
+
+
+def abstract_with_shardings(tree, shardings):
+    """ShapeDtypeStructs carrying `shardings`: inputs for `jit(...).lower(...)` that allocate
+    nothing (the memory planner compiles real programs on them)."""
+    full = _leaf_shardings(tree, shardings)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        tree, full)
+
+
+def _identity(tree):
+    return tree
+
+
+def reshard(tree, shardings, *, donate: bool = False):
+    """Moves arrays to another layout on the same devices, device to device.
+
+    A jitted identity with `out_shardings`: XLA emits the all-gathers / slices between the
+    two layouts, and unlike a host `device_get` / `device_put` it works when the arrays span
+    several processes. With `donate`, the source buffers are freed (a training-layout copy
+    that is not needed while sampling).
+    """
+    full = _leaf_shardings(tree, shardings)
+    fn = jax.jit(_identity, out_shardings=full, donate_argnums=(0,) if donate else ())
+    return fn(tree)
+
+
+def sampling_model(model: nnx.Module, mesh: Mesh,
+                   rules: str | Mapping[str, object] | None = "sampling") -> nnx.Module:
+    """A view of `model` whose weights live in the sampling layout (a resharded copy).
+
+    Use it with `Sampler(model, mesh=mesh)` inside `logical_rules(get_rules("sampling"))`
+    so that the KV cache and activation constraints follow the same table.
+    """
+    rules = get_rules(rules)
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, reshard(state, tree_shardings(state, mesh, rules)))
+
+
+def bytes_per_device(tree) -> int:
+    """The largest per-device footprint of a tree of arrays or sharded ShapeDtypeStructs."""
+    everywhere = 0    # unsharded leaves: whole on every device
+    totals: dict = {}
+    for leaf in jax.tree.leaves(tree):
+        sharding = getattr(leaf, "sharding", None)
+        itemsize = np.dtype(leaf.dtype).itemsize
+        if sharding is None:
+            everywhere += int(np.prod(leaf.shape)) * itemsize
+            continue
+        nbytes = int(np.prod(sharding.shard_shape(leaf.shape))) * itemsize
+        for device in sharding.device_set:
+            totals[device] = totals.get(device, 0) + nbytes
+    return everywhere + max(totals.values(), default=0)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

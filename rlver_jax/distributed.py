@@ -1,0 +1,169 @@
+"""Multi-host start-up: one JAX process per host, joined into one global device mesh.
+
+`maybe_initialize()` must run before anything touches a JAX backend (before the first
+`jax.devices()`, array or jit call). It calls `jax.distributed.initialize` when the
+environment says that this process is one of several:
+
+- explicit arguments, or the variables `RLVER_COORDINATOR` (host:port),
+  `RLVER_NUM_PROCESSES`, `RLVER_PROCESS_ID` (the multi-GPU launcher sets these);
+- `RLVER_DISTRIBUTED=1`: let JAX detect the cluster itself (the TPU pod launcher sets it;
+  on a TPU VM JAX reads the worker list from the TPU metadata);
+- a TPU pod slice (`TPU_WORKER_HOSTNAMES` with more than one host, `MEGASCALE_*`);
+- SLURM with more than one task (`SLURM_NTASKS` / `SLURM_STEP_NUM_TASKS` > 1) and Open MPI
+  (`OMPI_COMM_WORLD_SIZE` > 1), which JAX's cluster detection understands.
+
+Otherwise it does nothing: a single process needs no coordinator. After initialization
+every process sees all devices in `jax.devices()`; arrays are global, and each process
+feeds its own part of the batch (`host_shard`). Only process 0 writes logs and metrics
+(`is_main_process`); Orbax checkpoints are written by all processes together. Host data
+enters and leaves the global arrays through `global_rows` / `local_rows`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence, TypeVar
+
+import jax
+import numpy as np
+from absl import logging
+
+T = TypeVar("T")
+
+_initialized_here = False
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return int(value)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
+
+
+def detect(env: Mapping[str, str] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """What the environment asks for: (reason, kwargs for `jax.distributed.initialize`),
+    or None for a single process. Pure: reads `env` (default `os.environ`) only."""
+    env = os.environ if env is None else env
+    coordinator = env.get("RLVER_COORDINATOR")
+    num = _env_int(env, "RLVER_NUM_PROCESSES")
+    pid = _env_int(env, "RLVER_PROCESS_ID")
+    if coordinator or num is not None or pid is not None:
+        if not (coordinator and num is not None and pid is not None):
+            raise ValueError("set all of RLVER_COORDINATOR, RLVER_NUM_PROCESSES and "
+                             "RLVER_PROCESS_ID, or none of them")
+        return "RLVER_* environment", dict(coordinator_address=coordinator,
+                                           num_processes=num, process_id=pid)
+    if env.get("RLVER_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
+        return "RLVER_DISTRIBUTED=1 (cluster auto-detection)", {}
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return f"TPU pod slice ({max(len(hosts), 1)} workers)", {}
+    slurm_tasks = _env_int(env, "SLURM_STEP_NUM_TASKS") or _env_int(env, "SLURM_NTASKS")
+    if env.get("SLURM_JOB_ID") and slurm_tasks and slurm_tasks > 1:
+        return f"SLURM ({slurm_tasks} tasks)", {}
+    ompi = _env_int(env, "OMPI_COMM_WORLD_SIZE")
+    if ompi and ompi > 1:
+        return f"Open MPI ({ompi} ranks)", {}
+    return None
+
+
+def is_initialized() -> bool:
+    """Whether `jax.distributed.initialize` has run in this process (by us or anyone)."""
+    probe = getattr(jax.distributed, "is_initialized", None)
+    if probe is not None:
+        return bool(probe())
+    from jax._src import distributed as _distributed  # older JAX: no public probe
+    return _distributed.global_state.client is not None
+
+
+def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None,
+                     env: Mapping[str, str] | None = None) -> bool:
+    """Joins the multi-process job when the arguments or the environment describe one.
+
+    Returns True when this process is (now) part of a multi-process job. Idempotent: a
+    second call, or a call after someone else initialised, changes nothing.
+    """
+    global _initialized_here
+    if _initialized_here or is_initialized():
+        return jax.process_count() > 1
+    if coordinator is not None or num_processes is not None or process_id is not None:
+        if coordinator is None or num_processes is None or process_id is None:
+            raise ValueError("maybe_initialize: pass coordinator, num_processes and "
+                             "process_id together")
+        reason, kwargs = "arguments", dict(coordinator_address=coordinator,
+                                           num_processes=int(num_processes),
+                                           process_id=int(process_id))
+    else:
+        found = detect(env)
+        if found is None:
+            logging.info("distributed: single process (no coordinator in the environment)")
+            return False
+        reason, kwargs = found
+    shown = ", ".join(f"{k}={v}" for k, v in kwargs.items()) or "auto-detected"
+    logging.info("distributed: jax.distributed.initialize(%s) from %s", shown, reason)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"jax.distributed.initialize failed ({reason}): {e}. It must run before any "
+            "other JAX call in the process (devices, arrays, jit).") from e
+    _initialized_here = True
+    logging.info("distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+    return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+    """True on process 0: the one that writes logs, metrics and exported files."""
+    return jax.process_index() == 0
+
+
+def host_shard(items: Sequence[T], process_index: int | None = None,
+               process_count: int | None = None, *, drop_remainder: bool = False
+               ) -> list[T]:
+    """This host's share of `items` (e.g. profiles): every `process_count`-th item from
+    `process_index`, so shares differ in size by at most one and interleave the source
+    order. `drop_remainder` trims every share to the same length, which collective steps
+    that stack one equal slice per host need.
+    """
+    index = jax.process_index() if process_index is None else int(process_index)
+    count = jax.process_count() if process_count is None else int(process_count)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"host_shard: process_index {index} not in [0, {count})")
+    share = list(items[index::count])
+    if drop_remainder:
+        share = share[:len(items) // count]
+    return share
+
+
+def global_rows(local: np.ndarray, mesh, rules: Mapping[str, object] | None = None
+                ) -> jax.Array:
+    """A global [B, ...] batch from every process's own rows (B = local rows x processes).
+
+    Multi-host data must enter JAX this way: `jnp.asarray` / `jax.device_put` of a host
+    array onto a mesh that spans processes treat the array as the *global* value, so rows
+    that differ between hosts (each host's own dialogues) would be silently mixed up.
+    Every process must call this with the same local shape.
+    """
+    from rlver_jax import sharding as shd
+    local = np.asarray(local)
+    global_batch = local.shape[0] * jax.process_count()
+    sharding = shd.batch_sharding(mesh, local.ndim, rules, batch_size=global_batch)
+    return jax.make_array_from_process_local_data(sharding, local)
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array (the inverse of `global_rows`),
+    read from its addressable shards without any cross-host transfer."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    pieces: dict[int, np.ndarray] = {}
+    for shard in x.addressable_shards:
+        start = (shard.index[0].start or 0) if x.ndim else 0
+        pieces.setdefault(start, np.asarray(shard.data))  # replicas: keep one copy
+    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)

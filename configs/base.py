@@ -101,7 +101,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = (-1, 1, 1)           # (data, fsdp, tensor); -1 takes the remaining devices
-    c.mesh.rules = "fsdp_tensor"
+    c.mesh.rules = "fsdp_tensor"          # training layout (rlver_jax.sharding.RULE_PRESETS)
+    c.mesh.sampling_rules = "sampling"    # rollout layout of the policy copy and the simulator
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every = 50

@@ -74,8 +74,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
-    _check(c.mesh.rules in sharding_lib.RULE_PRESETS, "mesh.rules",
-           f"{c.mesh.rules!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
+    for key in ("rules", "sampling_rules"):
+        _check(c.mesh[key] in sharding_lib.RULE_PRESETS, f"mesh.{key}",
+               f"{c.mesh[key]!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
     for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
         section, field = key.split(".")
         path = c[section][field]
@@ -141,6 +142,7 @@ class Trainer:
         self.is_main = jax.process_index() == 0
         self.mesh = sharding_lib.make_mesh(tuple(c.mesh.shape))
         self.rules = sharding_lib.get_rules(c.mesh.rules)
+        self.sampling_rules = sharding_lib.get_rules(c.mesh.sampling_rules)
         self.tokenizer = load_chat_tokenizer(c.tokenizer)
         self.profiles = resolve_profiles(c.data.train_profiles)
         self.ppo = c.rl.algorithm == "ppo"
@@ -197,12 +199,14 @@ class Trainer:
             return
         sim_tok = (load_chat_tokenizer(c.simulator.tokenizer) if c.simulator.tokenizer
                    else self.tokenizer)
+        # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
             _, sim_model = load_hf(c.simulator.hf_dir, c.simulator.dtype, self.mesh,
-                                   self.rules)
+                                   self.sampling_rules)
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
-            sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh, rules=self.rules)
+            sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,
+                                     rules=self.sampling_rules)
         sampling = SimulatorSampling(
             temperature=c.simulator.temperature, top_p=c.simulator.top_p,
             max_analyzer_tokens=c.simulator.max_analyzer_tokens,
@@ -255,6 +259,14 @@ class Trainer:
         return chosen[jax.process_index()::jax.process_count()]
 
     # ----------------------------------------------------------------- a step
+    def sampling_view(self) -> Qwen2:
+        """The current policy in the sampling layout: a device-to-device reshard when the
+        two layouts differ on this mesh, else the training arrays themselves."""
+        view = self.policy_updater.model(self.policy_state)
+        if self.sampling_rules == self.rules or self.mesh.size == 1:
+            return view
+        return sharding_lib.sampling_model(view, self.mesh, self.sampling_rules)
+
     def _pad_rows(self, arrays: dict) -> tuple[dict, int]:
         c = self.config
         rows = arrays["tokens"].shape[0]
@@ -271,10 +283,10 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
         t_start = time.perf_counter()
-        policy_view = self.policy_updater.model(self.policy_state)
         profiles = self.profiles_for_step(step)
-        result = self.rollout.run(policy_view, profiles, seed=_mix(c.seed, step),
-                                  id_prefix=f"s{step}")
+        with sharding_lib.logical_rules(self.sampling_rules):
+            result = self.rollout.run(self.sampling_view(), profiles, seed=_mix(c.seed, step),
+                                      id_prefix=f"s{step}")
         t_rollout = time.perf_counter() - t_start
         arrays = collate(result.samples, self.tokenizer.pad_id)
         rows = arrays["tokens"].shape[0]
@@ -542,9 +554,9 @@ class Trainer:
         user = (RuleUser(settings) if c.simulator.kind == "rule"
                 else LLMUser(settings, self.user.model, self.user.tokenizer, self.user.sampler,
                              self.user.sampling))
-        report = evaluate_policy(
-            self.policy_updater.model(self.policy_state), self.tokenizer, user, profiles,
-            settings, dataclasses.replace(self.rollout_settings,
-                                          temperature=c.eval.temperature),
-            self.policy_sampler, seed=_mix(c.seed, step, 99), id_prefix=f"eval{step}-")
+        with sharding_lib.logical_rules(self.sampling_rules):
+            report = evaluate_policy(
+                self.sampling_view(), self.tokenizer, user, profiles, settings,
+                dataclasses.replace(self.rollout_settings, temperature=c.eval.temperature),
+                self.policy_sampler, seed=_mix(c.seed, step, 99), id_prefix=f"eval{step}-")
         return report.metrics("eval/")

@@ -25,7 +25,9 @@ import numpy as np
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import hidden_need_category, personality
-from rlver_jax.env.users import Analysis, _mix
+from rlver_jax.env.users import _mix
+
+THINK_OPEN = "<think>"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,9 +204,14 @@ class DialogueRollout:
                 text = self._record_policy_turn(st, track, prompts[i], out.tokens[i],
                                                 out.logprobs[i], out.raw_logprobs[i],
                                                 out.stopped[i], group_ids[i])
+                unclosed = s.think and not sim.split_think(text).closed
+                if unclosed and s.unclosed_think == "pass":
+                    # The user reads the raw text (minus the dangling tag) instead of the
+                    # empty reply after an unclosed thought.
+                    text = text.replace(THINK_OPEN, "").strip()
                 sim.add_policy_reply(st, text)
                 replies[i] = text
-                if s.think and not sim.split_think(text).closed:
+                if unclosed:
                     track.format_violations += 1
                     stats["format_violations"] += 1
                     if s.unclosed_think == "zero_reward":

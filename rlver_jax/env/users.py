@@ -116,8 +116,9 @@ class LLMUser:
         self.stats["simulator_calls"] += 1
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
 
-    def _with_retries(self, messages, max_new, seed, parse):
-        """Generates for every row, re-sampling (new seed) the rows that did not parse."""
+    def _with_retries(self, messages, max_new, seed, parse, languages=None):
+        """Generates for every row, re-sampling (new seed) the rows that did not parse.
+        `languages[i]` picks the language of row i's fallback reply."""
         attempts: list[list[Any]] = [[] for _ in messages]
         decisions: list[sim.RetryDecision | None] = [None] * len(messages)
         pending = list(range(len(messages)))
@@ -128,7 +129,8 @@ class LLMUser:
             still = []
             for i, text in zip(pending, texts):
                 attempts[i].append(parse(text))
-                decision = sim.decide_retry(attempts[i], self.settings)
+                language = languages[i] if languages else "en"
+                decision = sim.decide_retry(attempts[i], self.settings, language)
                 if decision.action == "retry":
                     still.append(i)
                 else:
@@ -150,8 +152,9 @@ class LLMUser:
             msgs = [sim.render_actor_prompt(states[i].profile, [], None,
                                             sim.emotion_level(states[i].emotion), self.settings)
                     for i in need]
+            langs = [sim.resolve_language(states[i].profile, self.settings) for i in need]
             _, decisions = self._with_retries(msgs, self.sampling.max_actor_tokens, seed,
-                                              sim.parse_actor)
+                                              sim.parse_actor, langs)
             for i, d in zip(need, decisions):
                 out[i] = d.reply
         return [o or "" for o in out]
@@ -176,6 +179,7 @@ class LLMUser:
         msgs = [sim.render_actor_prompt(s.profile, s.history, a.text,
                                         sim.emotion_level(s.emotion), self.settings)
                 for s, a in zip(states, analyses)]
+        langs = [sim.resolve_language(s.profile, self.settings) for s in states]
         _, decisions = self._with_retries(msgs, self.sampling.max_actor_tokens, seed,
-                                          sim.parse_actor)
+                                          sim.parse_actor, langs)
         return [UserReply(d.reply or "", d.action == "accept", d.failures) for d in decisions]

@@ -1,0 +1,387 @@
+"""Throughput of a full dialogue rollout: policy + in-process LLM simulator, turns and batch.
+
+    python -m benchmarks.rollout --quick                       # tiny preset, < 3 min on 2 cores
+    python -m benchmarks.rollout                               # tiny and small-100m, full grids
+    python -m benchmarks.rollout --preset qwen2.5-0.5b --sim_preset qwen2.5-0.5b \\
+        --dtype bfloat16 --turns 1 2 4 8 16 --batch 1 8 32     # a GPU
+
+One rollout is `DialogueRollout.run` with the no-think policy and an `LLMUser` whose model
+is a random network of `--sim_preset`: every user turn is one batched analyzer generation
+and one batched actor generation, as in training. The turn count is fixed by the simulator
+settings (`max_turns`, no emotion-based or goodbye ending, no parse retries: a random
+analyzer never parses, so the emotion stays put and every dialogue runs to the limit).
+
+Two sweeps: turns (`--turns`, at `--turns_batch` dialogues) and dialogues per batch
+(`--batch`, at `--batch_turns` turns). Reported per configuration:
+
+  dialogues_per_s       dialogues / wall time of a warm rollout (compile excluded)
+  tokens_per_s          policy tokens sampled / wall time
+  all_tokens_per_s      policy + simulator tokens sampled / wall time
+  policy_s, analyzer_s, actor_s, other_s
+                        the time split (`RolloutResult.timing`; actor includes the openings;
+                        other = host-side bookkeeping: tokenising, prompt rendering, parsing)
+  compile_s             first call's extra time (every program of that configuration)
+  peer                  "reprefill": the same rollout whose policy sampler is given no
+                        `previous` state, so each turn prefills the whole dialogue again
+                        instead of continuing the row's KV cache; `ratio` = peer wall / ours
+  growth                (turns sweep) least-squares slope of log time vs log turns, for the
+                        wall time and for policy time, ours and the peer's: 1 is linear in
+                        the number of turns, 2 quadratic
+
+Plots: `results/rollout_turns.png` (time vs turns, log-log, split by component, with the
+peer) and `results/rollout_batch.png` (dialogues/s and tokens/s vs batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+from typing import Any
+
+from benchmarks import common
+
+CPU_PRESETS = ("tiny", "small-100m")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", nargs="+", default=list(CPU_PRESETS),
+                   help="policy presets: tiny / small-100m on CPU; qwen2.5-* on GPUs")
+    p.add_argument("--sim_preset", default="tiny",
+                   help="simulator preset ('same': the policy's preset)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--turns", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--turns_batch", type=int, default=4, help="dialogues in the turns sweep")
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--batch_turns", type=int, default=4, help="turns in the batch sweep")
+    p.add_argument("--turn_tokens", type=int, default=32, help="policy tokens per reply")
+    p.add_argument("--sim_tokens", type=int, default=16,
+                   help="tokens per analyzer and per actor generation")
+    p.add_argument("--sim_prompt_tokens", type=int, default=512,
+                   help="simulator prompt cap (head + tail kept), as SimulatorSampling")
+    p.add_argument("--min_prompt_bucket", type=int, default=64,
+                   help="smallest prefill width of the policy sampler")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--peer", default="reprefill", choices=("reprefill", "none"))
+    p.add_argument("--peer_batch_sweep", action="store_true",
+                   help="also run the re-prefill peer in the batch sweep")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny only; turns 1/2/4/8 at 4 dialogues; batch 1/4/16 at 2 turns "
+                        "(peer in the turns sweep only); 16-token replies, simulator prompts "
+                        "capped at 256 tokens; one repeat")
+    p.add_argument("--results_dir", default=None)
+    p.add_argument("--no_save", action="store_true")
+    p.add_argument("--no_plots", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.preset, args.sim_preset = ["tiny"], "tiny"
+        args.turns, args.turns_batch, args.batch, args.batch_turns = [1, 2, 4, 8], 4, [1, 4, 16], 2
+        args.turn_tokens, args.sim_tokens, args.sim_prompt_tokens = 16, 16, 256
+        args.repeats, args.peer_batch_sweep = 1, False
+    return args
+
+
+# ------------------------------------------------------------------------- the setup
+class _NoContinuation:
+    """The peer: the same sampler, but every call prefills its whole prompt again."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def generate(self, model, prompts, max_new_tokens, **kwargs):
+        kwargs["previous"], kwargs["keep_state"] = None, False
+        return self.sampler.generate(model, prompts, max_new_tokens, **kwargs)
+
+
+class Setup:
+    """Tokenizer, policy and simulator models, their samplers, and profiles of one preset."""
+
+    def __init__(self, preset: str, args: argparse.Namespace):
+        from rlver_jax.env.profiles import SHIPPED, load_profiles
+        from rlver_jax.env.users import LLMUser, SimulatorSampling
+        from rlver_jax.models import create_model, get_preset
+        from rlver_jax.sampling import Sampler
+        from rlver_jax.tokenizer import ChatTokenizer
+
+        config = get_preset(preset, param_dtype=args.dtype, dtype=args.dtype)
+        # The tiny sentencepiece vocab fits every CPU preset; Qwen presets get Qwen's.
+        self.tokenizer = (ChatTokenizer.qwen25() if config.vocab_size >= 151_643
+                          else ChatTokenizer.tiny())
+        sim_name = preset if args.sim_preset == "same" else args.sim_preset
+        sim_config = get_preset(sim_name, param_dtype=args.dtype, dtype=args.dtype)
+        for name, c in ((preset, config), (sim_name, sim_config)):
+            if c.vocab_size < self.tokenizer.vocab_size:
+                raise SystemExit(f"preset {name} (vocab {c.vocab_size}) is too small for "
+                                 f"the {self.tokenizer.name} tokenizer")
+        t0 = time.perf_counter()
+        self.policy = create_model(config, seed=0)
+        self.simulator = create_model(sim_config, seed=1)
+        self.init_s = time.perf_counter() - t0
+        self.policy_sampler = Sampler(self.policy, min_prompt_bucket=args.min_prompt_bucket)
+        # Same architecture: one Sampler serves both models (weights are arguments), so the
+        # simulator's programs are the policy's wherever the shapes agree. The trainer keeps
+        # two samplers; what runs per call is identical, only compile time differs.
+        self.sim_sampler = (self.policy_sampler if sim_config == config
+                            else Sampler(self.simulator))
+        self.sim_sampling = SimulatorSampling(
+            temperature=0.7, top_p=1.0, max_analyzer_tokens=args.sim_tokens,
+            max_actor_tokens=args.sim_tokens, max_prompt_tokens=args.sim_prompt_tokens)
+        self.user_cls = LLMUser
+        self.profiles = load_profiles(SHIPPED["en_train"])
+        self.preset, self.sim_preset, self.config = preset, sim_name, config
+
+    def rollout(self, turns: int, turn_tokens: int, continuation: bool):
+        from rlver_jax.env import simulator as sim
+        from rlver_jax.env.rollout import DialogueRollout, RolloutSettings
+
+        # Fixed length: no emotion bound ends a dialogue, no goodbye level, no retries.
+        cfg = sim.settings_from_config({
+            "preset": "hard", "max_turns": turns, "end_below": None, "end_at_or_above": None,
+            "goodbye_levels": (), "parse_retries": 0})
+        user = self.user_cls(cfg, self.simulator, self.tokenizer, self.sim_sampler,
+                             self.sim_sampling)
+        sampler = self.policy_sampler if continuation else _NoContinuation(self.policy_sampler)
+        settings = RolloutSettings(max_turn_tokens=turn_tokens, max_dialogue_tokens=1 << 20)
+        return DialogueRollout(self.tokenizer, user, cfg, settings, sampler), user
+
+
+def _profiles(setup: Setup, batch: int) -> list:
+    return [setup.profiles[i % len(setup.profiles)] for i in range(batch)]
+
+
+def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int,
+            continuation: bool) -> dict[str, Any]:
+    """Warm-up rollout (compiles), then the median of `repeats` identical warm rollouts."""
+    rollout, user = setup.rollout(turns, turn_tokens, continuation)
+    profiles = _profiles(setup, batch)
+    # The same seed every time: identical work, so the warm runs reuse every program.
+    t0 = time.perf_counter()
+    rollout.run(setup.policy, profiles, seed=0)
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(repeats):
+        sim_tokens = user.stats["simulator_tokens"]
+        t0 = time.perf_counter()
+        result = rollout.run(setup.policy, profiles, seed=0)
+        wall = time.perf_counter() - t0
+        runs.append((wall, result, user.stats["simulator_tokens"] - sim_tokens))
+    wall, result, sim_tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    assert all(st.turns == turns for st in result.dialogues), "a dialogue ended early"
+    policy_tokens = result.metrics["tokens/policy"]
+    timing = dict(result.timing)
+    return {
+        "wall_s": wall, "first_s": first, "compile_s": max(first - wall, 0.0),
+        "policy_s": timing["policy_s"], "analyzer_s": timing["analyzer_s"],
+        "actor_s": timing["actor_s"], "other_s": wall - sum(timing.values()),
+        "policy_tokens": policy_tokens, "simulator_tokens": sim_tokens,
+        "tokens_per_s": policy_tokens / wall,
+        "all_tokens_per_s": (policy_tokens + sim_tokens) / wall,
+        "dialogues_per_s": batch / wall,
+        "dialogue_tokens_mean": sum(len(s.tokens) for s in result.samples) / len(result.samples),
+        "wall_s_all": [r[0] for r in runs],
+    }
+
+
+def growth_exponent(xs: list[float], ys: list[float]) -> float | None:
+    """Least-squares slope of log y against log x (None with fewer than two points)."""
+    pts = [(math.log(x), math.log(y)) for x, y in zip(xs, ys) if x > 0 and y > 0]
+    if len(pts) < 2:
+        return None
+    mx = statistics.fmean(p[0] for p in pts)
+    my = statistics.fmean(p[1] for p in pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx if sxx else None
+
+
+# ---------------------------------------------------------------------------- driver
+_MEASURED = ("wall_s", "first_s", "compile_s", "policy_s", "analyzer_s", "actor_s", "other_s",
+             "policy_tokens", "simulator_tokens", "tokens_per_s", "all_tokens_per_s",
+             "dialogues_per_s", "dialogue_tokens_mean", "wall_s_all")
+_MEASURED_PEER = ("tokens_per_s", "dialogues_per_s", "wall_s", "policy_s", "analyzer_s",
+                  "actor_s", "compile_s")
+
+def _record(setup: Setup, args, machine, sweep: str, turns: int, batch: int,
+            ours: dict, peer: dict | None) -> dict:
+    config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
+              "sweep": sweep, "turns": turns, "batch": batch, "turn_tokens": args.turn_tokens,
+              "sim_tokens": args.sim_tokens, "sim_prompt_tokens": args.sim_prompt_tokens,
+              "think": False}
+    record = common.base_record("rollout", config, machine)
+    record.update(ours)
+    record.update(peer=None, peer_tokens_per_s=None, ratio=None, peer_wall_s=None,
+                  peer_policy_s=None, policy_ratio=None, peer_compile_s=None)
+    if peer is not None:
+        record.update(peer="reprefill", peer_tokens_per_s=peer["tokens_per_s"],
+                      peer_dialogues_per_s=peer["dialogues_per_s"], peer_wall_s=peer["wall_s"],
+                      peer_policy_s=peer["policy_s"], peer_analyzer_s=peer["analyzer_s"],
+                      peer_actor_s=peer["actor_s"], peer_compile_s=peer["compile_s"],
+                      ratio=peer["wall_s"] / ours["wall_s"],
+                      policy_ratio=peer["policy_s"] / ours["policy_s"])
+    record["compilations"] = setup.policy_sampler.num_compilations + (
+        0 if setup.sim_sampler is setup.policy_sampler else setup.sim_sampler.num_compilations)
+    record["peak_rss_bytes"] = common.peak_rss_bytes()
+    record["device_memory_bytes"] = common.device_memory_bytes()
+    return record
+
+
+def _print(record: dict) -> None:
+    c = record["config"]
+    peer = (f", peer {record['peer_wall_s']:.2f}s (policy {record['peer_policy_s']:.2f}s), "
+            f"ratio {record['ratio']:.2f}x" if record["peer"] else "")
+    print(f"rollout {c['preset']} {c['sweep']} T={c['turns']} B={c['batch']}: "
+          f"{record['wall_s']:.2f}s = policy {record['policy_s']:.2f} + analyzer "
+          f"{record['analyzer_s']:.2f} + actor {record['actor_s']:.2f} + other "
+          f"{record['other_s']:.2f}; {record['dialogues_per_s']:.2f} dialogues/s, "
+          f"{common.fmt_rate(record['tokens_per_s'])} policy tok/s, compile "
+          f"{record['compile_s']:.1f}s{peer}", flush=True)
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    """Both sweeps for every preset; returns (and unless --no_save appends) the records."""
+    machine = common.machine_info()
+    records: list[dict] = []
+    for preset in args.preset:
+        setup = Setup(preset, args)
+        with_peer = args.peer == "reprefill"
+        sweep = []
+        for turns in sorted(args.turns):
+            ours = measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats, True)
+            peer = (measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats,
+                            False) if with_peer else None)
+            record = _record(setup, args, machine, "turns", turns, args.turns_batch, ours,
+                             peer)
+            _print(record)
+            sweep.append(record)
+        turns_list = [r["config"]["turns"] for r in sweep]
+        growth = {
+            "wall": growth_exponent(turns_list, [r["wall_s"] for r in sweep]),
+            "policy": growth_exponent(turns_list, [r["policy_s"] for r in sweep]),
+            "simulator": growth_exponent(turns_list, [r["analyzer_s"] + r["actor_s"]
+                                                      for r in sweep]),
+        }
+        if with_peer:
+            growth["peer_wall"] = growth_exponent(turns_list, [r["peer_wall_s"] for r in sweep])
+            growth["peer_policy"] = growth_exponent(turns_list,
+                                                    [r["peer_policy_s"] for r in sweep])
+        for r in sweep:
+            r["growth"] = growth
+        print(f"rollout {preset}: growth exponent (time ~ turns^k): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in growth.items() if v is not None), flush=True)
+        records += sweep
+
+        for batch in sorted(args.batch):
+            reuse = next((r for r in sweep if r["config"]["turns"] == args.batch_turns
+                          and batch == args.turns_batch), None)
+            peer_here = with_peer and args.peer_batch_sweep
+            if reuse is not None:
+                # Measured in the turns sweep already: same turns, same batch.
+                ours = {k: reuse[k] for k in _MEASURED}
+                peer = ({k: reuse["peer_" + k] for k in _MEASURED_PEER}
+                        if peer_here and reuse["peer"] else None)
+            else:
+                ours = measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
+                               True)
+                peer = (measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
+                                False) if peer_here else None)
+            record = _record(setup, args, machine, "batch", args.batch_turns, batch, ours,
+                             peer)
+            _print(record)
+            records.append(record)
+    if not args.no_save:
+        path = common.append_results("rollout", records, args.results_dir)
+        print(f"results appended to {path}")
+    if not args.no_plots:
+        for path in plot(records, args.results_dir or common.RESULTS_DIR):
+            print(f"plot written: {path}")
+    return records
+
+
+# ----------------------------------------------------------------------------- plots
+def plot(records: list[dict], out_dir: str) -> list[str]:
+    """rollout_turns.png and rollout_batch.png from this run's records."""
+    import os
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+    presets = sorted({r["config"]["preset"] for r in records})
+    device = records[0]["machine"].get("device_kind", "?") if records else "?"
+
+    turns = [r for r in records if r["config"]["sweep"] == "turns"]
+    if turns:
+        fig, axes = plt.subplots(1, len(presets), figsize=(6 * len(presets), 4.5),
+                                 squeeze=False)
+        for ax, preset in zip(axes[0], presets):
+            rows = sorted((r for r in turns if r["config"]["preset"] == preset),
+                          key=lambda r: r["config"]["turns"])
+            x = [r["config"]["turns"] for r in rows]
+            g = rows[0]["growth"]
+            ax.plot(x, [r["wall_s"] for r in rows], "o-", color="C0",
+                    label=f"ours: total (k={g['wall']:.2f})")
+            ax.plot(x, [r["policy_s"] for r in rows], "s--", color="C0", alpha=0.7,
+                    label=f"ours: policy (k={g['policy']:.2f})")
+            ax.plot(x, [r["analyzer_s"] + r["actor_s"] for r in rows], "^:", color="C2",
+                    label=f"simulator (k={g['simulator']:.2f})")
+            if rows[0]["peer"]:
+                ax.plot(x, [r["peer_wall_s"] for r in rows], "o-", color="C3",
+                        label=f"re-prefill: total (k={g['peer_wall']:.2f})")
+                ax.plot(x, [r["peer_policy_s"] for r in rows], "s--", color="C3", alpha=0.7,
+                        label=f"re-prefill: policy (k={g['peer_policy']:.2f})")
+            ax.plot(x, [rows[0]["wall_s"] * t / x[0] for t in x], color="gray", lw=0.8,
+                    alpha=0.6, label="linear reference")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xticks(x, [str(t) for t in x])
+            ax.set_xlabel("turns per dialogue")
+            ax.set_ylabel("seconds per rollout (warm)")
+            ax.set_title(f"{preset}, {rows[0]['config']['batch']} dialogues ({device})")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "rollout_turns.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    batch = [r for r in records if r["config"]["sweep"] == "batch"]
+    if batch:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for i, preset in enumerate(presets):
+            rows = sorted((r for r in batch if r["config"]["preset"] == preset),
+                          key=lambda r: r["config"]["batch"])
+            x = [r["config"]["batch"] for r in rows]
+            axes[0].plot(x, [r["dialogues_per_s"] for r in rows], "o-", color=f"C{i}",
+                         label=preset)
+            axes[1].plot(x, [r["tokens_per_s"] for r in rows], "o-", color=f"C{i}",
+                         label=f"{preset}: policy")
+            axes[1].plot(x, [r["all_tokens_per_s"] for r in rows], "s--", color=f"C{i}",
+                         alpha=0.7, label=f"{preset}: policy + simulator")
+        turns_per = batch[0]["config"]["turns"]
+        axes[0].set_ylabel("dialogues / s")
+        axes[1].set_ylabel("sampled tokens / s")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("dialogues per batch")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Rollout throughput vs batch ({turns_per} turns, {device})")
+        fig.tight_layout()
+        path = os.path.join(out_dir, "rollout_batch.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -233,14 +233,16 @@ class Trainer:
         self.policy_updater = Updater(
             self.policy_model, make_optimizer(rl.actor_lr, total, rl.actor_warmup_ratio,
                                               rl.max_grad_norm, rl.weight_decay), settings)
-        self.policy_state = self.policy_updater.init_state(self.policy_model)
+        self.policy_state = self.policy_updater.init_state(self.policy_model, self.mesh,
+                                                           self.rules)
         self.critic_updater = self.critic_state = None
         if self.ppo:
             self.critic_updater = Updater(
                 self.critic_model, make_optimizer(rl.critic_lr, total, rl.critic_warmup_ratio,
                                                   rl.max_grad_norm, rl.weight_decay),
                 settings, kind="critic")
-            self.critic_state = self.critic_updater.init_state(self.critic_model)
+            self.critic_state = self.critic_updater.init_state(self.critic_model, self.mesh,
+                                                               self.rules)
 
     # ------------------------------------------------------------------- data
     def profiles_for_step(self, step: int) -> list:

@@ -259,8 +259,17 @@ class Updater:
         self._values = jax.jit(
             lambda params, tokens, mask: forward_values(self.graphdef, params, tokens, mask))
 
-    def init_state(self, model: nnx.Module) -> TrainState:
-        return init_train_state(model, self.tx)
+    def init_state(self, model: nnx.Module, mesh=None, rules=None) -> TrainState:
+        """A fresh TrainState; on a mesh every leaf (Adam moments included) is laid out by
+        the parameters' logical axes, scalars replicated, and the step's output shardings
+        are pinned to that layout."""
+        state = init_train_state(model, self.tx)
+        if mesh is None:
+            return state
+        from rlver_jax import sharding as sharding_lib
+        shardings = sharding_lib.tree_shardings(state, mesh, rules)
+        self._state_shardings = shardings
+        return sharding_lib.reshard(state, shardings)
 
     def step(self, state: TrainState, batch: TrainBatch):
         """One optimiser step; the state is donated (do not reuse the argument)."""

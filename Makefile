@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 BENCH_SUITE ?= quick
 
-.PHONY: venv train test bench clean-venv
+.PHONY: venv train test bench bench-peers clean-venv
 
 venv: $(STAMP)
 
@@ -24,6 +24,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --suite $(BENCH_SUITE)
+
+# Optional peer: Tunix's sampler in a venv of its own (it pins safetensors<0.8).
+TUNIX_VENV := benchmarks/.venv-tunix
+
+bench-peers: $(TUNIX_VENV)/.installed
+
+$(TUNIX_VENV)/.installed:
+	test -x $(TUNIX_VENV)/bin/python || $(PYTHON) -m venv $(TUNIX_VENV)
+	$(TUNIX_VENV)/bin/pip install --quiet --disable-pip-version-check google-tunix==0.1.7
+	touch $@
 
 clean-venv:
 	rm -rf $(VENV)

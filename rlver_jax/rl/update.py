@@ -265,7 +265,8 @@ class Updater:
         are pinned to that layout."""
         state = init_train_state(model, self.tx)
         if mesh is None:
-            return state
+            # Committed like the step's outputs, so the second step reuses the program.
+            return jax.device_put(state, jax.devices()[0])
         from rlver_jax import sharding as sharding_lib
         shardings = sharding_lib.tree_shardings(state, mesh, rules)
         self._state_shardings = shardings

@@ -35,7 +35,7 @@ from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import HIDDEN_NEEDS, OTHER_NEED, PERSONALITIES, SHIPPED, \
     ProfileError, load_profiles
 from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
-from rlver_jax.env.users import _mix
+from rlver_jax.env.users import mix_seed
 
 TOY_WARNING = ("TOY SIMULATOR: the 'rule' user is a lexicon judge with template replies, not "
                "an LLM; these numbers are NOT comparable to the paper's Sentient scores. Pass "
@@ -224,7 +224,7 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
     for k in range(chunks):
         chunk = list(profiles[k * batch:(k + 1) * batch])
         t0 = time.perf_counter()
-        result = rollout.run(policy_model, chunk, seed=_mix(seed, k), id_prefix=f"{id_prefix}{k}")
+        result = rollout.run(policy_model, chunk, seed=mix_seed(seed, k), id_prefix=f"{id_prefix}{k}")
         for key, value in result.metrics.items():
             if key.startswith("rollout/"):
                 stats[key.split("/", 1)[1]] += value

@@ -16,8 +16,6 @@ import dataclasses
 import json
 import os
 import time
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -28,7 +26,7 @@ from rlver_jax import sharding as sharding_lib
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED, load_profiles
 from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, collate, dialogue_record
-from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, _mix
+from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
                               load_hf, load_hf_critic)
@@ -125,13 +123,6 @@ def abstract_like(tree):
     """ShapeDtypeStructs (with the arrays' shardings) of a tree: a restore target."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                         tree)
-
-
-@dataclasses.dataclass
-class _Models:
-    policy: Qwen2
-    critic: Any | None
-    reference_params: Any | None
 
 
 class Trainer:
@@ -287,7 +278,7 @@ class Trainer:
         t_start = time.perf_counter()
         profiles = self.profiles_for_step(step)
         with sharding_lib.logical_rules(self.sampling_rules):
-            result = self.rollout.run(self.sampling_view(), profiles, seed=_mix(c.seed, step),
+            result = self.rollout.run(self.sampling_view(), profiles, seed=mix_seed(c.seed, step),
                                       id_prefix=f"s{step}")
         t_rollout = time.perf_counter() - t_start
         arrays = collate(result.samples, self.tokenizer.pad_id)
@@ -560,5 +551,5 @@ class Trainer:
             report = evaluate_policy(
                 self.sampling_view(), self.tokenizer, user, profiles, settings,
                 dataclasses.replace(self.rollout_settings, temperature=c.eval.temperature),
-                self.policy_sampler, seed=_mix(c.seed, step, 99), id_prefix=f"eval{step}-")
+                self.policy_sampler, seed=mix_seed(c.seed, step, 99), id_prefix=f"eval{step}-")
         return report.metrics("eval/")

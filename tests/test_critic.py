@@ -3,7 +3,6 @@ and numerically unaffected by the remat policy."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -4,7 +4,6 @@ import contextlib
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

@@ -12,7 +12,6 @@ from rlver_jax.env.simulator import (
     DIFFICULTY_PRESETS,
     ActorResult,
     AnalyzerResult,
-    SimulatorSettings,
     add_policy_reply,
     add_user_message,
     apply_analysis,

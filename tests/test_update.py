@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 
 from rlver_jax.models import Qwen2Critic, create_model, get_preset
 from rlver_jax.rl import advantages as adv_lib

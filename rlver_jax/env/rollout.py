@@ -25,7 +25,7 @@ import numpy as np
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import hidden_need_category, personality
-from rlver_jax.env.users import _mix
+from rlver_jax.env.users import mix_seed
 
 THINK_OPEN = "<think>"
 
@@ -155,7 +155,7 @@ class DialogueRollout:
         # Openings: one per profile, shared by its group (GRPO compares like with like).
         t0 = time.perf_counter()
         heads = states[::s.group_size]
-        openings = self.user.openings(heads, _mix(seed, 0))
+        openings = self.user.openings(heads, mix_seed(seed, 0))
         timing["actor_s"] += time.perf_counter() - t0
         tracks: dict[str, _Track] = {}
         for i, st in enumerate(states):
@@ -193,7 +193,7 @@ class DialogueRollout:
             t0 = time.perf_counter()
             out = self.sampler.generate(
                 policy, prompts, s.max_turn_tokens, temperature=s.temperature, top_p=s.top_p,
-                top_k=s.top_k, stop_token_ids=self.tokenizer.eos_ids, seed=_mix(seed, turn, 1),
+                top_k=s.top_k, stop_token_ids=self.tokenizer.eos_ids, seed=mix_seed(seed, turn, 1),
                 previous=None if s.think else previous, keep_state=not s.think)
             timing["policy_s"] += time.perf_counter() - t0
             previous = out.state
@@ -223,7 +223,7 @@ class DialogueRollout:
             # ---- simulated user: analyzer (emotion change), then actor (reply)
             t0 = time.perf_counter()
             analyses = self.user.analyze([states[i] for i in live], [replies[i] for i in live],
-                                         _mix(seed, turn, 2))
+                                         mix_seed(seed, turn, 2))
             timing["analyzer_s"] += time.perf_counter() - t0
             for i, a in zip(live, analyses):
                 stats["parse_failures"] += a.parse_failures
@@ -238,7 +238,7 @@ class DialogueRollout:
             t0 = time.perf_counter()
             user_replies = self.user.replies([states[i] for i in live],
                                              [analysis_of[i] for i in live],
-                                             _mix(seed, turn, 3))
+                                             mix_seed(seed, turn, 3))
             timing["actor_s"] += time.perf_counter() - t0
             for i, r in zip(live, user_replies):
                 st = states[i]

@@ -48,7 +48,7 @@ class SimulatorSampling:
     max_prompt_tokens: int = 8192
 
 
-def _mix(*parts: int) -> int:
+def mix_seed(*parts: int) -> int:
     """A deterministic 31-bit seed from integers (stable across processes, unlike hash())."""
     h = 0x345678
     for p in parts:
@@ -125,7 +125,7 @@ class LLMUser:
         round_ = 0
         while pending:
             texts = self._generate([messages[i] for i in pending], max_new,
-                                   _mix(seed, round_))
+                                   mix_seed(seed, round_))
             still = []
             for i, text in zip(pending, texts):
                 attempts[i].append(parse(text))

@@ -265,8 +265,7 @@ class Updater:
         are pinned to that layout."""
         state = init_train_state(model, self.tx)
         if mesh is None:
-            # Committed like the step's outputs, so the second step reuses the program.
-            return jax.device_put(state, jax.devices()[0])
+            return state
         from rlver_jax import sharding as sharding_lib
         shardings = sharding_lib.tree_shardings(state, mesh, rules)
         self._state_shardings = shardings

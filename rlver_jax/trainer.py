@@ -151,6 +151,7 @@ class Trainer:
             unclosed_think=c.rollout.unclosed_think)
         self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
         self._prepare = jax.jit(self._prepare_impl)
+        self._sim_tokens_seen = 0
         self.rollout = DialogueRollout(self.tokenizer, self.user, self.sim_settings,
                                        self.rollout_settings, self.policy_sampler)
 
@@ -301,10 +302,10 @@ class Trainer:
         metrics.update(update_metrics)
         metrics.update(result.metrics)
         step_s = time.perf_counter() - t_start
+        # The LLM user counts its tokens cumulatively; the rule user generates none.
         sim_tokens = getattr(self.user, "stats", {}).get("simulator_tokens", 0)
-        self._last_sim_tokens = getattr(self, "_last_sim_tokens", 0)
-        step_sim_tokens = sim_tokens - self._last_sim_tokens
-        self._last_sim_tokens = sim_tokens
+        step_sim_tokens = sim_tokens - self._sim_tokens_seen
+        self._sim_tokens_seen = sim_tokens
         metrics.update({
             "time/step_s": step_s, "time/rollout_s": t_rollout, "time/logprobs_s": t_prep,
             "time/update_s": t_update,
@@ -326,7 +327,7 @@ class Trainer:
         its group's statistics."""
         c = self.config
         dialogue_ids = [st.dialogue_id for st in result.dialogues]
-        rewards = np.array([self.rollout._final_reward(st) for st in result.dialogues],
+        rewards = np.array([self.rollout.final_reward(st) for st in result.dialogues],
                            np.float32)
         groups = np.repeat(np.arange(len(dialogue_ids) // c.rollout.group_size),
                            c.rollout.group_size)

@@ -253,14 +253,16 @@ class DialogueRollout:
         return RolloutResult(samples=samples, dialogues=states, metrics=metrics, timing=timing)
 
     # ------------------------------------------------------------------ outputs
-    def _final_reward(self, st: sim.DialogueState) -> float:
+    @staticmethod
+    def final_reward(st: sim.DialogueState) -> float:
+        """The dialogue's reward: final emotion / 100, or 0 when it ended for format."""
         return 0.0 if st.done_reason == "format" else float(st.reward)
 
     def _finish(self, states, tracks, group_ids) -> list[Sample]:
         samples = []
         for st, g in zip(states, group_ids):
             track = tracks[st.dialogue_id]
-            r = self._final_reward(st)
+            r = self.final_reward(st)
             if self.settings.think:
                 for sample in track.samples:
                     sample.reward = r
@@ -274,7 +276,7 @@ class DialogueRollout:
 
     def _metrics(self, states, tracks, samples, stats) -> dict[str, float]:
         final = np.array([st.emotion for st in states], np.float32)
-        rewards = np.array([self._final_reward(st) for st in states], np.float32)
+        rewards = np.array([self.final_reward(st) for st in states], np.float32)
         reasons = [st.done_reason for st in states]
         policy_tokens = sum(t.policy_tokens for t in tracks.values())
         replies = sum(st.turns for st in states) or 1

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rlver_jax.env.profiles import HIDDEN_NEEDS
+from rlver_jax.env.profiles import HIDDEN_NEEDS, Profile
 from rlver_jax.env.rule_judge import GARBLED_DELTA, NEED_LEXICONS, TOY_LABEL, RuleJudge, need_of
 from rlver_jax.env.simulator import (
     DIFFICULTY_PRESETS,
@@ -20,19 +20,7 @@ from rlver_jax.env.simulator import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeProfile:
-    id: str
-    player: str
-    scene: str
-    main_cha: str
-    cha_group: tuple[str, ...]
-    task: str
-    first_talk: str | None = None
-    topic: str | None = None
-
-
-def en_profile(need: str = "being listened to while venting", **kw) -> FakeProfile:
+def en_profile(need: str = "being listened to while venting", **kw) -> Profile:
     base = dict(
         id=f"en-{need[:8]}",
         player="Name: Sam Reed. Age 40. Mechanic. Talks in short bursts.",
@@ -43,10 +31,10 @@ def en_profile(need: str = "being listened to while venting", **kw) -> FakeProfi
         task=need,
     )
     base.update(kw)
-    return FakeProfile(**base)
+    return Profile(**base)
 
 
-ZH_VENT = FakeProfile(
+ZH_VENT = Profile(
     id="zh-vent",
     player="姓名：王丽娜\n年龄：29岁\n职业：小学教师",
     scene="王丽娜和男友李明交往两年，最近开始怀疑这段感情。\n####隐藏主题:\n***你希望对方用心倾听你的情绪宣泄",

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from rlver_jax.env import simulator as sim
+from rlver_jax.env.profiles import Profile
 from rlver_jax.env.simulator import (
     DIFFICULTY_PRESETS,
     ActorResult,
@@ -31,21 +32,7 @@ from rlver_jax.env.simulator import (
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class FakeProfile:
-    """Duck-typed profile: the attributes the simulator reads."""
-
-    id: str
-    player: str
-    scene: str
-    main_cha: str
-    cha_group: tuple[str, ...]
-    task: str
-    first_talk: str | None = None
-    topic: str | None = None
-
-
-EN_PROFILE = FakeProfile(
+EN_PROFILE = Profile(
     id="en-1",
     player="Name: Maya Lin. Age 31. Nurse. Speaks briefly and dryly.",
     scene="Maya's manager took credit for her project in front of the whole ward. "
@@ -56,7 +43,7 @@ EN_PROFILE = FakeProfile(
     first_talk="Long shift. Don't even ask.",
     topic="credit stolen at work",
 )
-ZH_PROFILE = FakeProfile(
+ZH_PROFILE = Profile(
     id="zh-1",
     player="姓名：王丽娜\n年龄：29岁\n职业：小学教师",
     scene="王丽娜和男友李明交往两年，最近开始怀疑这段感情。\n####隐藏主题:\n***你希望对方用心倾听你的情绪宣泄",

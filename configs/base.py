@@ -114,6 +114,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.tensorboard = True
     c.log.plots = True
     c.log.progress = True
+    c.log.every_process = False         # multi-host: also write metrics.process<N>.jsonl
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0                    # 0: no evaluation during training

@@ -141,29 +141,116 @@ def host_shard(items: Sequence[T], process_index: int | None = None,
     return share
 
 
+def spans_processes(mesh) -> bool:
+    """Whether `mesh` holds devices of other processes (then host data must enter and leave
+    its arrays through `global_rows` / `local_rows`)."""
+    if mesh is None or jax.process_count() == 1:
+        return False
+    me = jax.process_index()
+    return any(d.process_index != me for d in np.asarray(mesh.devices).flat)
+
+
+def _allgather(local: np.ndarray) -> np.ndarray:
+    """[processes, ...]: every process's `local` (same shape and dtype on all)."""
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local)))
+
+
+def max_over_processes(value: int) -> int:
+    """The largest `value` any process passed. Every process must call it (a collective)."""
+    if jax.process_count() == 1:
+        return int(value)
+    return int(_allgather(np.asarray(int(value), np.int64)).max())
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is true on some process: the collective form of a loop condition
+    (a process with nothing left to do must keep taking part while others still work)."""
+    return max_over_processes(int(bool(flag))) == 1
+
+
+def all_processes(flag: bool) -> bool:
+    """True when `flag` is true on every process."""
+    return not any_process(not flag)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every process's `obj` (picklable host data: metrics, dialogue records), in process
+    order, on every process. A collective; cheap for the small summaries it is meant for."""
+    if jax.process_count() == 1:
+        return [obj]
+    import pickle
+    payload = np.frombuffer(pickle.dumps(obj), np.uint8)
+    longest = max_over_processes(payload.size)
+    padded = np.zeros((longest,), np.uint8)
+    padded[:payload.size] = payload
+    sizes = _allgather(np.asarray(payload.size, np.int64))
+    blobs = _allgather(padded)
+    return [pickle.loads(blobs[i, :int(sizes[i])].tobytes()) for i in range(len(sizes))]
+
+
+def _process_blocks(sharding, global_shape: tuple[int, ...], rows: int) -> bool:
+    """Whether every device of `sharding` holds rows of its own process's block only
+    (process p's rows are [p * rows, (p + 1) * rows)). A property of the global sharding,
+    so every process reaches the same answer without communicating."""
+    for device, index in sharding.devices_indices_map(global_shape).items():
+        start, stop, _ = index[0].indices(global_shape[0])
+        block = device.process_index * rows
+        if not (block <= start and stop <= block + rows):
+            return False
+    return True
+
+
 def global_rows(local: np.ndarray, mesh, rules: Mapping[str, object] | None = None
                 ) -> jax.Array:
-    """A global [B, ...] batch from every process's own rows (B = local rows x processes).
+    """A global [B, ...] batch from every process's own rows (B = local rows x processes;
+    process p's rows become rows [p * local, (p + 1) * local)).
 
     Multi-host data must enter JAX this way: `jnp.asarray` / `jax.device_put` of a host
     array onto a mesh that spans processes treat the array as the *global* value, so rows
     that differ between hosts (each host's own dialogues) would be silently mixed up.
-    Every process must call this with the same local shape.
+    Every process must call this with the same local shape. When the batch sharding keeps
+    each process's devices inside its own block (the usual data-parallel layout) no data
+    crosses hosts; otherwise (e.g. a batch replicated over a tensor axis that spans hosts)
+    the rows are all-gathered first.
     """
     from rlver_jax import sharding as shd
     local = np.asarray(local)
-    global_batch = local.shape[0] * jax.process_count()
-    sharding = shd.batch_sharding(mesh, local.ndim, rules, batch_size=global_batch)
-    return jax.make_array_from_process_local_data(sharding, local)
+    rows = local.shape[0]
+    global_shape = (rows * jax.process_count(),) + local.shape[1:]
+    sharding = shd.batch_sharding(mesh, local.ndim, rules, batch_size=global_shape[0])
+    if _process_blocks(sharding, global_shape, rows):
+        offset = jax.process_index() * rows
+
+        def mine(index):
+            start, stop, _ = index[0].indices(global_shape[0])
+            return local[(slice(start - offset, stop - offset),) + tuple(index[1:])]
+    else:
+        everything = _allgather(local).reshape(global_shape)
+
+        def mine(index):
+            return everything[index]
+    return jax.make_array_from_callback(global_shape, sharding, mine)
 
 
 def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array (the inverse of `global_rows`),
-    read from its addressable shards without any cross-host transfer."""
+    """This process's rows of a global batch (the inverse of `global_rows`): read from its
+    own shards when they cover its block, else from a replicated copy, else all-gathered
+    (a collective: the choice depends only on the global sharding, so every process
+    makes the same one)."""
     if x.is_fully_addressable:
         return np.asarray(x)
-    pieces: dict[int, np.ndarray] = {}
-    for shard in x.addressable_shards:
-        start = (shard.index[0].start or 0) if x.ndim else 0
-        pieces.setdefault(start, np.asarray(shard.data))  # replicas: keep one copy
-    return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+    count, me = jax.process_count(), jax.process_index()
+    rows = x.shape[0] // count
+    lo, hi = me * rows, (me + 1) * rows
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_shards[0].data)[lo:hi]
+    if _process_blocks(x.sharding, x.shape, rows):
+        pieces: dict[int, np.ndarray] = {}
+        for shard in x.addressable_shards:
+            start, _, _ = shard.index[0].indices(x.shape[0])
+            pieces.setdefault(start, np.asarray(shard.data))  # replicas: keep one copy
+        # Every row of the block lives on this process's devices (no other holds it).
+        return np.concatenate([pieces[k] for k in sorted(pieces)], axis=0)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[lo:hi]

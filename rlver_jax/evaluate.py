@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import HIDDEN_NEEDS, OTHER_NEED, PERSONALITIES, SHIPPED, \
     ProfileError, load_profiles
@@ -206,12 +207,16 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
     the policy's architecture. Dialogues run `batch_size` at a time (0: all at once); the
     batch only changes how many rows share one generation, not the protocol. The report's
     `policy` and `profiles` fields are left for the caller to fill.
+
+    Multi-host (a sampler whose mesh spans processes): every process passes its own share
+    of the profiles and gets the report over all of them.
     """
-    if not profiles:
+    multiprocess = getattr(sampler, "multiprocess", False)
+    if not profiles and not multiprocess:
         raise EvaluateError("no profiles to evaluate")
     rs = dataclasses.replace(rollout_settings, group_size=1)
     rollout = DialogueRollout(tokenizer, user, settings, rs, sampler)
-    batch = batch_size if batch_size and batch_size > 0 else len(profiles)
+    batch = max(batch_size if batch_size and batch_size > 0 else len(profiles), 1)
     user_stats = getattr(user, "stats", None) or {}
     sim_tokens_before = int(user_stats.get("simulator_tokens", 0))
     sim_calls_before = int(user_stats.get("simulator_calls", 0))
@@ -220,6 +225,8 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
     timing = collections.Counter()
     records: list[dict[str, Any]] = []
     chunks = math.ceil(len(profiles) / batch)
+    if multiprocess:  # every process runs as many (possibly empty) rollouts as the busiest
+        chunks = distributed.max_over_processes(chunks)
     t_start = time.perf_counter()
     for k in range(chunks):
         chunk = list(profiles[k * batch:(k + 1) * batch])
@@ -246,12 +253,22 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
             records.append(record)
         if progress is not None:
             done = min((k + 1) * batch, len(profiles))
-            mean = sum(r["final_emotion"] for r in records) / len(records)
+            mean = sum(r["final_emotion"] for r in records) / max(len(records), 1)
             progress(f"batch {k + 1}/{chunks}: {done}/{len(profiles)} dialogues, "
                      f"running score {mean:.1f}, {time.perf_counter() - t0:.1f} s")
     total_s = time.perf_counter() - t_start
-    policy_tokens = sum(r["policy_tokens"] for r in records)
     sim_tokens = int(user_stats.get("simulator_tokens", 0)) - sim_tokens_before
+    sim_calls = int(user_stats.get("simulator_calls", 0)) - sim_calls_before
+    if multiprocess:
+        parts = distributed.gather_objects((records, dict(stats), sim_tokens))
+        records = [r for p in parts for r in p[0]]
+        for i, r in enumerate(records):
+            r["index"] = i
+        stats = collections.Counter()
+        for p in parts:
+            stats.update(p[1])
+        sim_tokens = sum(p[2] for p in parts)
+    policy_tokens = sum(r["policy_tokens"] for r in records)
     policy_s = timing.get("policy_s", 0.0)
     timing_out = {
         "total_s": total_s, "policy_s": policy_s,
@@ -264,8 +281,7 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
     simulator = {"kind": getattr(user, "name", type(user).__name__),
                  "toy": getattr(user, "name", "") == "rule",
                  "warning": TOY_WARNING if getattr(user, "name", "") == "rule" else None,
-                 "simulator_calls": int(user_stats.get("simulator_calls", 0))
-                 - sim_calls_before}
+                 "simulator_calls": sim_calls}
     settings_out = {"simulator": dataclasses.asdict(settings),
                     "rollout": dataclasses.asdict(rs), "seed": seed, "batch_size": batch,
                     "length_stops": int(stats.get("length_stops", 0))}

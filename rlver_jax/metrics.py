@@ -1,6 +1,7 @@
 """Training metrics: `WORKDIR/metrics.jsonl`, TensorBoard event files and a progress bar.
 
-Only the main process writes; other processes get a writer that does nothing.
+Only the main process writes; other processes get a writer that does nothing (or, to
+check that hosts agree, one that writes metrics.process<N>.jsonl only).
 """
 
 from __future__ import annotations
@@ -41,9 +42,10 @@ class MetricWriter:
     """Appends one JSON object per step; mirrors scalars to TensorBoard when enabled."""
 
     def __init__(self, workdir: str | os.PathLike, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, progress: bool = True, enabled: bool = True):
+                 tensorboard: bool = True, progress: bool = True, enabled: bool = True,
+                 filename: str = "metrics.jsonl"):
         self.enabled = enabled
-        self.path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+        self.path = os.path.join(os.fspath(workdir), filename)
         self.total_steps = total_steps
         self._tb = None
         self._bar = None

@@ -8,6 +8,13 @@
   4. advantages: GAE (PPO) or group-normalised outcome rewards (GRPO);
   5. epochs x mini-batches of policy (and critic) updates;
   6. metrics.jsonl / TensorBoard / progress bar, dialogue log, Orbax checkpoint.
+
+Multi-host (one process per host, `rlver_jax.distributed`): each process plays its share
+of the step's dialogues, in lock step with the others (see `env/rollout.py`), and hands
+its training rows to one global batch (`distributed.global_rows`); the update runs over
+all rows at once. Rollout metrics are reduced over every process's dialogues; process 0
+writes metrics, logs and plots (`log.every_process` also writes each other process's
+metrics to metrics.process<N>.jsonl); checkpoints are written by all together.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED, load_profiles
-from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, collate, dialogue_record
+from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, RolloutSummary, collate,
+                                   dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
@@ -136,6 +145,16 @@ class Trainer:
         self.sampling_rules = sharding_lib.get_rules(c.mesh.sampling_rules)
         self.tokenizer = load_chat_tokenizer(c.tokenizer)
         self.profiles = resolve_profiles(c.data.train_profiles)
+        self.multiprocess = distributed.spans_processes(self.mesh)
+        profiles_per_step = c.rollout.batch_dialogues // c.rollout.group_size
+        _check(profiles_per_step % jax.process_count() == 0, "rollout.batch_dialogues",
+               f"{c.rollout.batch_dialogues} dialogues in groups of {c.rollout.group_size} "
+               f"are {profiles_per_step} profiles per step, which {jax.process_count()} "
+               "processes cannot share equally")
+        _check(jax.process_count() == 1 or self.multiprocess, "mesh.shape",
+               f"{tuple(c.mesh.shape)} uses the devices of one process only, but this job has "
+               f"{jax.process_count()} processes: the mesh must span them all (e.g. -1 for "
+               "the data axis)")
         self.ppo = c.rl.algorithm == "ppo"
         self.kl_on = bool(c.rl.kl_loss_coef or c.rl.kl_reward_coef)
 
@@ -261,18 +280,33 @@ class Trainer:
             return view
         return sharding_lib.sampling_model(view, self.mesh, self.sampling_rules)
 
-    def _pad_rows(self, arrays: dict) -> tuple[dict, int]:
+    def _pad_batch(self, arrays: dict) -> tuple[dict, int]:
+        """Pads this process's [rows, T] training arrays with empty rows (and columns) to
+        the shape every process agrees on; returns them and the global row count.
+
+        Rows: a power of two (few compiled shapes), divisible by the update split. With
+        several processes rows and width are the largest any process needs (in think mode
+        each host has its own number of samples), and the global batch holds every
+        process's rows.
+        """
         c = self.config
-        rows = arrays["tokens"].shape[0]
-        # Rows: a power of two (few compiled shapes), divisible by the update split.
+        agree = distributed.max_over_processes if self.multiprocess else int
+        rows, width = arrays["tokens"].shape[0], arrays["tokens"].shape[1]
         split = c.rl.mini_batches * max(c.rl.micro_batch_size, 1)
-        padded_rows = max(next_power_of_two(rows), split)
+        padded_rows = max(next_power_of_two(agree(rows)), split)
         padded_rows = -(-padded_rows // split) * split
-        pad = padded_rows - rows
-        if pad:
-            arrays = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-                      for k, v in arrays.items()}
-        return arrays, padded_rows
+        padded_width = agree(width)
+        pad = lambda v: np.pad(v, [(0, padded_rows - rows)] + [(0, padded_width - width)]
+                               * (v.ndim - 1))
+        arrays = {k: pad(v) for k, v in arrays.items()}
+        processes = jax.process_count() if self.multiprocess else 1
+        return arrays, padded_rows * processes
+
+    def _device_rows(self, x: np.ndarray) -> jax.Array:
+        """Host rows -> a device batch (the global batch over every process's rows)."""
+        if self.multiprocess:
+            return distributed.global_rows(x, self.mesh, self.rules)
+        return jnp.asarray(x)
 
     def train_step(self, step: int) -> dict[str, float]:
         c = self.config
@@ -284,15 +318,16 @@ class Trainer:
         t_rollout = time.perf_counter() - t_start
         arrays = collate(result.samples, self.tokenizer.pad_id)
         rows = arrays["tokens"].shape[0]
-        arrays, padded_rows = self._pad_rows(arrays)
+        arrays, padded_rows = self._pad_batch(arrays)
+        local_rows = arrays["tokens"].shape[0]
 
         t0 = time.perf_counter()
-        row_advantage = (self._grpo_row_advantages(result, padded_rows) if not self.ppo
-                         else np.zeros((padded_rows,), np.float32))
+        row_advantage = (self._grpo_row_advantages(result, local_rows) if not self.ppo
+                         else np.zeros((local_rows,), np.float32))
         batch, prep_metrics = self._prepare(
             self.policy_state.params, None if not self.ppo else self.critic_state.params,
-            self.reference_params, {k: jnp.asarray(v) for k, v in arrays.items()},
-            jnp.asarray(row_advantage))
+            self.reference_params, {k: self._device_rows(v) for k, v in arrays.items()},
+            self._device_rows(row_advantage))
         metrics = {k: float(v) for k, v in prep_metrics.items()}
         t_prep = time.perf_counter() - t0
 
@@ -300,12 +335,19 @@ class Trainer:
         update_metrics = self._update(batch, padded_rows, step)
         t_update = time.perf_counter() - t0
         metrics.update(update_metrics)
-        metrics.update(result.metrics)
-        step_s = time.perf_counter() - t_start
         # The LLM user counts its tokens cumulatively; the rule user generates none.
         sim_tokens = getattr(self.user, "stats", {}).get("simulator_tokens", 0)
         step_sim_tokens = sim_tokens - self._sim_tokens_seen
         self._sim_tokens_seen = sim_tokens
+        if self.multiprocess:
+            # Metrics over every process's dialogues (each process holds only its own).
+            parts = distributed.gather_objects((result.summary, step_sim_tokens, rows))
+            metrics.update(RolloutSummary.merge([p[0] for p in parts]).metrics())
+            step_sim_tokens = sum(p[1] for p in parts)
+            rows = sum(p[2] for p in parts)
+        else:
+            metrics.update(result.metrics)
+        step_s = time.perf_counter() - t_start
         metrics.update({
             "time/step_s": step_s, "time/rollout_s": t_rollout, "time/logprobs_s": t_prep,
             "time/update_s": t_update,
@@ -313,9 +355,9 @@ class Trainer:
             "time/simulator_s": result.timing["analyzer_s"] + result.timing["actor_s"],
             "tokens/simulator": float(step_sim_tokens),
             "tokens/train_rows": float(rows),
-            "throughput/tokens_per_s": (result.metrics["tokens/policy"] + step_sim_tokens)
+            "throughput/tokens_per_s": (metrics["tokens/policy"] + step_sim_tokens)
             / max(step_s, 1e-9),
-            "throughput/policy_tokens_per_s": result.metrics["tokens/policy"] / max(step_s, 1e-9),
+            "throughput/policy_tokens_per_s": metrics["tokens/policy"] / max(step_s, 1e-9),
             "compile/sampler_programs": float(self.policy_sampler.num_compilations),
         })
         self._last_rollout = result
@@ -457,9 +499,14 @@ class Trainer:
                                     save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                     async_save=c.checkpoint.async_save)
         start = self._restore(checkpointer)
-        writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
-                              tensorboard=c.log.tensorboard, progress=c.log.progress,
-                              enabled=self.is_main)
+        if self.is_main:
+            writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
+                                  tensorboard=c.log.tensorboard, progress=c.log.progress)
+        else:
+            writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
+                                  tensorboard=False, progress=False,
+                                  enabled=c.log.every_process,
+                                  filename=f"metrics.process{jax.process_index()}.jsonl")
         if start:
             writer.log(f"resumed from step {start} in {self.workdir}")
         if self.is_main:
@@ -544,6 +591,8 @@ class Trainer:
         from rlver_jax.evaluate import evaluate_policy
         c = self.config
         profiles = resolve_profiles(c.eval.profiles)[:c.eval.max_dialogues]
+        if self.multiprocess:
+            profiles = distributed.host_shard(profiles)  # the report covers all of them
         settings = simulator_settings(c, c.eval.difficulty, use_first_talk=True)
         user = (RuleUser(settings) if c.simulator.kind == "rule"
                 else LLMUser(settings, self.user.model, self.user.tokenizer, self.user.sampler,

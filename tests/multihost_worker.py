@@ -95,12 +95,23 @@ def main(process_id: int, num_processes: int, port: int, workdir: str) -> None:
     checksum = jax.jit(lambda tree: [x.astype(np.float32).sum() for x in jax.tree.leaves(tree)])
     sums = [float(x) for x in checksum(state.params)]
 
-    # Host data in and out: each process contributes its own 2 rows of a global batch.
+    # Host data in and out: each process contributes its own 2 rows of a global batch,
+    # whatever the batch sharding: rows split by process (no exchange), replicated, or
+    # split over the in-host fsdp axis only (both need the rows of the other process).
     mine = np.arange(2 * 3, dtype=np.int32).reshape(2, 3) + 100 * process_id
-    both = distributed.global_rows(mine, mesh)
-    rows_check = {"global_shape": list(both.shape),
-                  "global_sum": int(jax.jit(lambda x: x.sum())(both)),
-                  "local_back": distributed.local_rows(both).tolist() == mine.tolist()}
+    rows_check = {}
+    for layout, rules in (("process_blocks", None), ("replicated", {"batch": None}),
+                          ("fsdp_only", {"batch": "fsdp"})):
+        both = distributed.global_rows(mine, mesh, rules)
+        rows_check[layout] = {
+            "global_shape": list(both.shape),
+            "global_rows": jax.jit(lambda x: x[:, 0], out_shardings=shd.replicated(mesh))(
+                both).tolist(),
+            "local_back": distributed.local_rows(both).tolist() == mine.tolist()}
+    rows_check["agree"] = [distributed.max_over_processes(process_id + 5),
+                           distributed.any_process(process_id == 1),
+                           distributed.all_processes(process_id == 1)]
+    rows_check["gathered"] = distributed.gather_objects({"p": process_id, "x": "y" * process_id})
 
     log("checkpoint")
     manager = ocp.CheckpointManager(os.path.join(workdir, "ckpt"),

@@ -1,5 +1,7 @@
 """Two JAX processes on this machine (CPU collectives over localhost) train and checkpoint
-on one global mesh; both must agree on losses and on the restored parameters."""
+on one global mesh; both must agree on losses and on the restored parameters. The train
+command itself runs as two processes, resumes from its multi-host checkpoint, and a single
+process exports that checkpoint."""
 
 import json
 import os
@@ -8,11 +10,15 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from rlver_jax import distributed
+from rlver_jax.metrics import read_metrics
+from tests.conftest import FAST_COMPILE_FLAGS, single_device_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 TIMEOUT_S = float(os.environ.get("RLVER_MULTIHOST_TIMEOUT", "150"))
 
 
@@ -61,11 +67,99 @@ def test_two_processes_train_and_checkpoint(tmp_path):
     assert a["restored_sharding_ok"] and b["restored_sharding_ok"]
     assert a["restored_step"] == b["restored_step"] == 3
     assert a["profiles"] == [0, 2, 4, 6, 8] and b["profiles"] == [1, 3, 5, 7, 9]
-    # Each process's rows land in the global batch and come back unchanged.
-    expected_sum = 2 * sum(range(6)) + 100 * 6
+    # Each process's rows land in its block of the global batch and come back unchanged,
+    # whichever way the batch is sharded.
     for r in results:
-        assert r["rows"] == {"global_shape": [4, 3], "global_sum": expected_sum,
-                             "local_back": True}
+        for layout in ("process_blocks", "replicated", "fsdp_only"):
+            assert r["rows"][layout] == {"global_shape": [4, 3],
+                                         "global_rows": [0, 3, 100, 103],
+                                         "local_back": True}, layout
+        assert r["rows"]["agree"] == [6, True, False]
+        assert r["rows"]["gathered"] == [{"p": 0, "x": ""}, {"p": 1, "x": "y"}]
+
+
+def _train_env(process_id: int, port: int) -> dict:
+    """One process of a two-process job with 2 fake CPU devices each."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLVER_")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, PYTHONUNBUFFERED="1",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}",
+               RLVER_COORDINATOR=f"localhost:{port}", RLVER_NUM_PROCESSES="2",
+               RLVER_PROCESS_ID=str(process_id))
+    return env
+
+
+def _train_two_processes(workdir, total_steps: int) -> list[str]:
+    # PPO (critic, GAE) in think mode: each host has its own number of training rows per
+    # step, which the processes must agree on. Mesh (data 2 across the hosts, fsdp 2
+    # within each); 8 dialogues = 4 per host; evaluation over 3 profiles (2 + 1).
+    args = [sys.executable, "-m", "rlver_jax.train", f"--workdir={workdir}",
+            f"--config.total_steps={total_steps}", "--config.rl.algorithm=ppo",
+            "--config.rollout.think=True", "--config.rollout.batch_dialogues=8",
+            "--config.rollout.group_size=2", "--config.rollout.max_turn_tokens=8",
+            "--config.simulator.overrides.max_turns=2", "--config.mesh.shape=(2,2,1)",
+            "--config.checkpoint.every=1", "--config.eval.every=2",
+            "--config.eval.max_dialogues=3", "--config.log.every_process=True",
+            "--config.log.progress=False", "--config.log.tensorboard=False",
+            "--config.log.plots=False"]
+    port = _free_port()
+    procs = [subprocess.Popen(args, cwd=ROOT, env=_train_env(i, port), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for i in range(2)]
+    deadline = time.monotonic() + 2 * TIMEOUT_S
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=max(deadline - time.monotonic(), 1))[0])
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        logs = [p.communicate()[0][-3000:] for p in procs]
+        pytest.fail("train processes did not finish:\n" + "\n----\n".join(logs))
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, f"train process failed (rc {p.returncode}):\n{out[-5000:]}"
+    return outputs
+
+
+# Per-host wall time and the compile counter differ between processes by nature.
+LOCAL_PREFIXES = ("time/", "throughput/", "compile/")
+
+
+def test_two_processes_run_the_train_command_resume_and_export(tmp_path):
+    workdir = tmp_path / "run"
+    _train_two_processes(workdir, total_steps=2)
+    outputs = _train_two_processes(workdir, total_steps=3)  # resumes from step 2
+    assert "resumed from step 2" in outputs[0]
+
+    main = read_metrics(workdir / "metrics.jsonl")
+    other = read_metrics(workdir / "metrics.process1.jsonl")
+    assert [r["step"] for r in main] == [r["step"] for r in other] == [0, 1, 2]
+    for a, b in zip(main, other):
+        shared = {k: v for k, v in a.items() if not k.startswith(LOCAL_PREFIXES)}
+        assert shared == {k: v for k, v in b.items() if not k.startswith(LOCAL_PREFIXES)}
+        # Reduced over both hosts' dialogues (4 each), not one host's.
+        assert a["dialogues"] == 8
+        assert 0.0 <= a["reward/mean"] <= 1.0 and np.isfinite(a["policy/loss"])
+        assert a["update/skipped"] == 0.0
+    assert main[1]["eval/score"] == other[1]["eval/score"] and "eval/score" not in main[0]
+    assert not (workdir / "tensorboard").exists()
+    logged = [json.loads(line) for line in (workdir / "dialogues.jsonl").read_text().splitlines()]
+    assert {d["step"] for d in logged} == {0, 1, 2}
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 3]
+
+    # One process exports what two wrote; the weights are the ones the run trained.
+    out = tmp_path / "hf"
+    env = {k: v for k, v in single_device_env().items() if not k.startswith("RLVER_")}
+    proc = subprocess.run([sys.executable, "-m", "rlver_jax.export", f"--workdir={workdir}",
+                           f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from rlver_jax.models.safetensors_io import SafetensorsFile
+    squares = 0.0
+    for path in sorted(out.glob("*.safetensors")):
+        f = SafetensorsFile(path)
+        squares += sum(float(np.sum(np.asarray(f[k], np.float64) ** 2)) for k in f.keys())
+    np.testing.assert_allclose(np.sqrt(squares), main[-1]["policy/param_norm"], rtol=1e-5)
 
 
 def test_detect_reads_the_environment():

@@ -12,6 +12,11 @@ Training samples hold token ids exactly as sampled, never a re-tokenisation of t
 - think: one sample per policy turn (prompt = history with old thoughts removed, response =
   this turn's generation); every turn of a dialogue shares the final reward.
 The reward sits on the last policy token of each sample.
+
+Multi-host: each process plays its own dialogues; when the policy sampler's mesh spans
+processes, the loop runs in lock step (every process keeps calling the sampler, with no
+rows of its own if need be, until no process has a live dialogue), and `RolloutSummary`
+is what processes exchange to report metrics over all dialogues.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import hidden_need_category, personality
 from rlver_jax.env.users import mix_seed
@@ -85,12 +91,68 @@ class _Track:
         self.raw.extend(raw if raw is not None else [0.0] * len(ids))
 
 
+END_REASONS = ("turn_limit", "emotion_low", "emotion_high", "goodbye", "length", "format")
+
+
+def _mean(values) -> float:
+    return float(np.mean(values)) if len(values) else 0.0
+
+
+@dataclasses.dataclass
+class RolloutSummary:
+    """Per-dialogue outcomes of a rollout: what its metrics are computed from. Small and
+    picklable, so processes can exchange theirs and report over all dialogues (`merge`)."""
+
+    final_emotion: list[float]
+    reward: list[float]
+    turns: list[int]
+    done_reason: list[str]
+    policy_tokens: int
+    samples: int
+    stats: dict[str, int]
+
+    @classmethod
+    def merge(cls, parts: Sequence["RolloutSummary"]) -> "RolloutSummary":
+        stats: dict[str, int] = {}
+        for p in parts:
+            for k, v in p.stats.items():
+                stats[k] = stats.get(k, 0) + v
+        return cls(final_emotion=[x for p in parts for x in p.final_emotion],
+                   reward=[x for p in parts for x in p.reward],
+                   turns=[x for p in parts for x in p.turns],
+                   done_reason=[x for p in parts for x in p.done_reason],
+                   policy_tokens=sum(p.policy_tokens for p in parts),
+                   samples=sum(p.samples for p in parts), stats=stats)
+
+    def metrics(self) -> dict[str, float]:
+        final = np.asarray(self.final_emotion, np.float32)
+        rewards = np.asarray(self.reward, np.float32)
+        replies = sum(self.turns) or 1
+        m = {
+            "reward/mean": _mean(rewards),
+            "reward/std": float(rewards.std()) if len(rewards) else 0.0,
+            "emotion/final_mean": _mean(final),
+            "emotion/success_frac": _mean(final >= 100),
+            "emotion/failure_frac": _mean(final < 10),
+            "turns/mean": _mean(self.turns),
+            "tokens/policy": float(self.policy_tokens),
+            "tokens/per_reply": float(self.policy_tokens / replies),
+            "dialogues": float(len(self.reward)),
+            "samples": float(self.samples),
+        }
+        m.update({f"rollout/{k}": float(v) for k, v in self.stats.items()})
+        for reason in END_REASONS:
+            m[f"end/{reason}"] = _mean([r == reason for r in self.done_reason])
+        return m
+
+
 @dataclasses.dataclass
 class RolloutResult:
     samples: list[Sample]
     dialogues: list[sim.DialogueState]
     metrics: dict[str, float]
     timing: dict[str, float]
+    summary: RolloutSummary | None = None
 
 
 class DialogueRollout:
@@ -105,6 +167,9 @@ class DialogueRollout:
         self.sampler = sampler
         self._newline = tokenizer.encode("\n")
         self._assistant_prefix = tokenizer.assistant_prefix_ids()
+        # Loop conditions are collective when the policy's mesh spans processes.
+        self._any = (distributed.any_process if getattr(sampler, "multiprocess", False)
+                     else bool)
 
     # ------------------------------------------------------------------ policy turn
     def _policy_prompt(self, state: sim.DialogueState, track: _Track) -> list[int]:
@@ -172,7 +237,7 @@ class DialogueRollout:
                  "format_violations": 0, "length_stops": 0}
         while True:
             live = [i for i, st in enumerate(states) if not st.done]
-            if not live:
+            if not self._any(live):
                 break
             turn += 1
             # ---- policy: one batched generation; rows are fixed per dialogue
@@ -188,7 +253,7 @@ class DialogueRollout:
                 stats["length_stops"] += 1
                 prompts[i] = None
             live = [i for i in live if prompts[i] is not None]
-            if not live:
+            if not self._any(live):
                 break
             t0 = time.perf_counter()
             out = self.sampler.generate(
@@ -217,7 +282,7 @@ class DialogueRollout:
                     if s.unclosed_think == "zero_reward":
                         st.done, st.done_reason = True, "format"
             live = [i for i in live if not states[i].done]
-            if not live:
+            if not self._any(live):
                 break
 
             # ---- simulated user: analyzer (emotion change), then actor (reply)
@@ -233,7 +298,7 @@ class DialogueRollout:
                                    analyzer_text=a.text)
             analysis_of = dict(zip(live, analyses))
             live = [i for i in live if not states[i].done]
-            if not live:
+            if not self._any(live):
                 break
             t0 = time.perf_counter()
             user_replies = self.user.replies([states[i] for i in live],
@@ -249,8 +314,14 @@ class DialogueRollout:
                     tracks[st.dialogue_id].extend(self.tokenizer.render_turn("user", r.text))
 
         samples = self._finish(states, tracks, group_ids)
-        metrics = self._metrics(states, tracks, samples, stats)
-        return RolloutResult(samples=samples, dialogues=states, metrics=metrics, timing=timing)
+        summary = RolloutSummary(
+            final_emotion=[float(st.emotion) for st in states],
+            reward=[self.final_reward(st) for st in states],
+            turns=[st.turns for st in states], done_reason=[st.done_reason for st in states],
+            policy_tokens=sum(t.policy_tokens for t in tracks.values()),
+            samples=len(samples), stats=dict(stats))
+        return RolloutResult(samples=samples, dialogues=states, metrics=summary.metrics(),
+                             timing=timing, summary=summary)
 
     # ------------------------------------------------------------------ outputs
     @staticmethod
@@ -273,30 +344,6 @@ class DialogueRollout:
                                       logprobs=track.logprobs, raw_logprobs=track.raw,
                                       reward=r))
         return samples
-
-    def _metrics(self, states, tracks, samples, stats) -> dict[str, float]:
-        final = np.array([st.emotion for st in states], np.float32)
-        rewards = np.array([self.final_reward(st) for st in states], np.float32)
-        reasons = [st.done_reason for st in states]
-        policy_tokens = sum(t.policy_tokens for t in tracks.values())
-        replies = sum(st.turns for st in states) or 1
-        m = {
-            "reward/mean": float(rewards.mean()),
-            "reward/std": float(rewards.std()),
-            "emotion/final_mean": float(final.mean()),
-            "emotion/success_frac": float(np.mean(final >= 100)),
-            "emotion/failure_frac": float(np.mean(final < 10)),
-            "turns/mean": float(np.mean([st.turns for st in states])),
-            "tokens/policy": float(policy_tokens),
-            "tokens/per_reply": float(policy_tokens / replies),
-            "dialogues": float(len(states)),
-            "samples": float(len(samples)),
-        }
-        m.update({f"rollout/{k}": float(v) for k, v in stats.items()})
-        for reason in ("turn_limit", "emotion_low", "emotion_high", "goodbye", "length",
-                       "format"):
-            m[f"end/{reason}"] = float(np.mean([r == reason for r in reasons]))
-        return m
 
 
 # --------------------------------------------------------------------------- logs
@@ -354,7 +401,7 @@ def collate(samples: Sequence[Sample], pad_id: int, length_multiple: int = 16,
     scores [B], group_ids [B].
     """
     from rlver_jax.sampling import next_power_of_two
-    longest = max(len(s.tokens) for s in samples)
+    longest = max((len(s.tokens) for s in samples), default=1)
     width = next_power_of_two(longest, length_multiple)
     if max_length is not None and longest > max_length:
         raise ValueError(f"sample of {longest} tokens exceeds max_length={max_length}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.rule_judge import RuleJudge
 
@@ -97,6 +98,10 @@ class LLMUser:
         self.sampler = sampler
         self.sampling = sampling
         self.stats = {"simulator_tokens": 0, "simulator_calls": 0}
+        # Multi-host: every process must make the same simulator calls (see the sampler),
+        # so "is there work left" is decided over all processes.
+        self._any = (distributed.any_process if getattr(sampler, "multiprocess", False)
+                     else bool)
 
     def _generate(self, messages: Sequence[list[dict[str, str]]], max_new: int, seed: int
                   ) -> list[str]:
@@ -123,7 +128,7 @@ class LLMUser:
         decisions: list[sim.RetryDecision | None] = [None] * len(messages)
         pending = list(range(len(messages)))
         round_ = 0
-        while pending:
+        while self._any(pending):
             texts = self._generate([messages[i] for i in pending], max_new,
                                    mix_seed(seed, round_))
             still = []
@@ -148,7 +153,7 @@ class LLMUser:
                 out[i] = first_talk
             else:
                 need.append(i)
-        if need:
+        if self._any(need):
             msgs = [sim.render_actor_prompt(states[i].profile, [], None,
                                             sim.emotion_level(states[i].emotion), self.settings)
                     for i in need]

@@ -163,7 +163,8 @@ def _apply(tx, state: TrainState, grads, loss) -> tuple[TrainState, dict[str, Ar
                            params=keep(new_params, state.params),
                            opt_state=keep(new_opt, state.opt_state))
     return new_state, {"grad_norm": grad_norm, "skipped": 1.0 - finite.astype(jnp.float32),
-                       "lr": current_learning_rate(state.opt_state)}
+                       "lr": current_learning_rate(state.opt_state),
+                       "param_norm": optax.tree.norm(new_state.params)}
 
 
 def policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

@@ -9,6 +9,12 @@ functions, never constants, so the same programs serve updated policy weights.
 Continuation: `generate(..., previous=state)` appends only the new suffix of each prompt
 to the cache that the previous call left, when every prompt extends that row's cached
 tokens (multi-turn dialogues grow by one turn at a time).
+
+Multi-host: on a mesh that spans processes every process passes its own rows (its own
+dialogues) and every process must make the same sequence of calls; a process with nothing
+to generate passes only `None` rows (or none at all) and still takes part. Shapes and the
+continue-or-restart decision are agreed between processes, so each call runs one global
+program over every process's rows (`distributed.global_rows` / `local_rows`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rlver_jax import distributed
 from rlver_jax.models.qwen2 import KVCache, init_cache
 
 NO_TOKEN = -1
@@ -117,6 +124,8 @@ class Sampler:
         self.mesh = mesh
         self.cache_dtype = cache_dtype
         self.compilations: collections.Counter = collections.Counter()
+        self.multiprocess = distributed.spans_processes(mesh)
+        self._cache_inits: dict = {}
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
                                static_argnames=("max_new_bucket",))
@@ -184,25 +193,40 @@ class Sampler:
 
     # -------------------------------------------------------------------- host API
     def _place(self, x):
+        """Host rows [B_local, ...] -> a device batch (global over processes when the mesh
+        spans several)."""
         if self.mesh is None:
             return jnp.asarray(x)
+        if self.multiprocess:
+            return distributed.global_rows(x, self.mesh)
         from rlver_jax.sharding import batch_sharding
         return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x), batch_size=len(x)))
 
+    def _host(self, x) -> np.ndarray:
+        """This process's rows of a device batch."""
+        return distributed.local_rows(x) if self.multiprocess else np.asarray(jax.device_get(x))
+
     def _new_cache(self, batch, capacity):
-        cache = init_cache(self.config, batch, capacity, self.cache_dtype)
-        if self.mesh is not None:
-            from rlver_jax.sharding import logical_to_spec
-            from jax.sharding import NamedSharding
-            mesh_shape = dict(self.mesh.shape)
-            kv_spec = logical_to_spec((None, "batch", "cache_length", "kv_heads", "head_dim"),
-                                      cache.k.shape, mesh_shape)
-            kv = NamedSharding(self.mesh, kv_spec)
-            cache = KVCache(k=jax.device_put(cache.k, kv), v=jax.device_put(cache.v, kv),
-                            valid=self._place(np.asarray(cache.valid)),
-                            index=cache.index,
-                            next_position=self._place(np.asarray(cache.next_position)))
-        return cache
+        """An empty cache of `batch` (global) rows, created in place on the mesh: nothing
+        of cache size is built on one device first."""
+        if self.mesh is None:
+            return init_cache(self.config, batch, capacity, self.cache_dtype)
+        make = self._cache_inits.get((batch, capacity))
+        if make is None:
+            from jax.sharding import NamedSharding, PartitionSpec
+            from rlver_jax.sharding import batch_sharding, logical_to_spec
+            empty = lambda: init_cache(self.config, batch, capacity, self.cache_dtype)
+            shape = jax.eval_shape(empty)
+            kv = NamedSharding(self.mesh, logical_to_spec(
+                (None, "batch", "cache_length", "kv_heads", "head_dim"), shape.k.shape,
+                dict(self.mesh.shape)))
+            rows = lambda ndim: batch_sharding(self.mesh, ndim, batch_size=batch)
+            shardings = KVCache(k=kv, v=kv, valid=rows(2),
+                                index=NamedSharding(self.mesh, PartitionSpec()),
+                                next_position=rows(1))
+            make = jax.jit(empty, out_shardings=shardings)
+            self._cache_inits[(batch, capacity)] = make
+        return make()
 
     def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int] | None],
                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
@@ -217,10 +241,11 @@ class Sampler:
         not an extension) the call starts fresh. A state is consumed by the call that
         continues it (its cache buffers are donated).
         """
-        if not prompts:
+        # Multi-host: a process whose rows all sit out still joins the collective call.
+        if not prompts and not self.multiprocess:
             raise ValueError("generate: no prompts")
         active = [p is not None for p in prompts]
-        if not any(active):
+        if not any(active) and not self.multiprocess:
             raise ValueError("generate: every prompt is None")
         empty = [i for i, p in enumerate(prompts) if p is not None and len(p) == 0]
         if empty:
@@ -233,21 +258,27 @@ class Sampler:
         n = len(prompts)
         weights = nnx.state(model)
         max_new_bucket = next_power_of_two(max_new_tokens)
+        processes = jax.process_count() if self.multiprocess else 1
+        agree_max = distributed.max_over_processes if self.multiprocess else int
+        agree_all = distributed.all_processes if self.multiprocess else bool
 
-        # A continuation needs every active row to extend the tokens cached in its row.
-        reuse = (previous is not None and len(previous.cached_tokens) >= n
-                 and all(c is not None and len(p) > len(c) and list(p[:len(c)]) == c
-                         for p, c in zip(prompts, previous.cached_tokens) if p is not None))
+        # A continuation needs every active row (of every process) to extend the tokens
+        # cached in its row.
+        reuse = agree_all(
+            previous is not None and len(previous.cached_tokens) >= n
+            and all(c is not None and len(p) > len(c) and list(p[:len(c)]) == c
+                    for p, c in zip(prompts, previous.cached_tokens) if p is not None))
         if reuse:
             cache = previous.cache
-            batch = cache.batch_size
+            batch = cache.batch_size // processes  # this process's rows
             suffixes = [[] if p is None else list(p[len(c):])
                         for p, c in zip(prompts, previous.cached_tokens)]
         else:
-            batch = next_power_of_two(n)
+            batch = next_power_of_two(agree_max(n))
             suffixes = [[] if p is None else list(p) for p in prompts]
             cache = None
-        width = next_power_of_two(max(len(s) for s in suffixes), self.min_prompt_bucket)
+        width = next_power_of_two(agree_max(max((len(s) for s in suffixes), default=0)),
+                                  self.min_prompt_bucket)
         tokens = np.zeros((batch, width), np.int32)
         mask = np.zeros((batch, width), bool)
         for i, s in enumerate(suffixes):
@@ -259,7 +290,7 @@ class Sampler:
             unused = [i for i in range(batch) if i >= n or not active[i]]
             mask[unused, -1] = True
             capacity = next_power_of_two(width + max_new_bucket)
-            cache = self._new_cache(batch, capacity)
+            cache = self._new_cache(batch * processes, capacity)
         else:
             needed = int(cache.index) + width + max_new_bucket
             if needed > cache.capacity:
@@ -268,8 +299,9 @@ class Sampler:
         logits, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
         alive = np.zeros((batch,), bool)
         alive[:n] = active
+        # One stream per global row; every process computes the same [B_global] keys.
         base = jax.random.key(seed)
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch))
+        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch * processes))
         stops = np.full((self.max_stop_tokens,), NO_TOKEN, np.int32)
         stops[:len(stop_token_ids)] = list(stop_token_ids)
         toks, lps, raws, stopped, cache = self._decode(
@@ -277,7 +309,7 @@ class Sampler:
             jnp.asarray(stops), jnp.float32(temperature), jnp.int32(top_k),
             jnp.float32(top_p), max_new_bucket=max_new_bucket)
 
-        toks, lps, raws, stopped = jax.device_get((toks, lps, raws, stopped))
+        toks, lps, raws, stopped = (self._host(x) for x in (toks, lps, raws, stopped))
         out_tokens, out_lps, out_raws = [], [], []
         for i in range(n):
             length = int(np.sum(toks[i] != NO_TOKEN))

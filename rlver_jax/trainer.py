@@ -91,6 +91,20 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{key}: model directory not found: {path}")
 
 
+def validate_process_layout(c: ml_collections.ConfigDict, processes: int,
+                            mesh_spans_processes: bool) -> None:
+    """Multi-host checks: the step's profiles split evenly over the processes, and the
+    mesh holds every process's devices (a process outside it would have nothing to do)."""
+    profiles_per_step = c.rollout.batch_dialogues // c.rollout.group_size
+    _check(profiles_per_step % processes == 0, "rollout.batch_dialogues",
+           f"{c.rollout.batch_dialogues} dialogues in groups of {c.rollout.group_size} are "
+           f"{profiles_per_step} profiles per step, which {processes} processes cannot "
+           "share equally")
+    _check(processes == 1 or mesh_spans_processes, "mesh.shape",
+           f"{tuple(c.mesh.shape)} uses the devices of one process only, but this job has "
+           f"{processes} processes: the mesh must span them all (e.g. -1 for the data axis)")
+
+
 def resolve_profiles(spec: str):
     """A shipped set name or a jsonl path -> profiles."""
     path = SHIPPED.get(spec, spec)
@@ -146,15 +160,7 @@ class Trainer:
         self.tokenizer = load_chat_tokenizer(c.tokenizer)
         self.profiles = resolve_profiles(c.data.train_profiles)
         self.multiprocess = distributed.spans_processes(self.mesh)
-        profiles_per_step = c.rollout.batch_dialogues // c.rollout.group_size
-        _check(profiles_per_step % jax.process_count() == 0, "rollout.batch_dialogues",
-               f"{c.rollout.batch_dialogues} dialogues in groups of {c.rollout.group_size} "
-               f"are {profiles_per_step} profiles per step, which {jax.process_count()} "
-               "processes cannot share equally")
-        _check(jax.process_count() == 1 or self.multiprocess, "mesh.shape",
-               f"{tuple(c.mesh.shape)} uses the devices of one process only, but this job has "
-               f"{jax.process_count()} processes: the mesh must span them all (e.g. -1 for "
-               "the data axis)")
+        validate_process_layout(c, jax.process_count(), self.multiprocess)
         self.ppo = c.rl.algorithm == "ppo"
         self.kl_on = bool(c.rl.kl_loss_coef or c.rl.kl_reward_coef)
 

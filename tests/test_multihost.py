@@ -190,3 +190,17 @@ def test_single_process_and_host_shard():
     assert distributed.host_shard(items) == items  # one process: everything
     with pytest.raises(ValueError):
         distributed.host_shard(items, 3, 3)
+
+
+def test_process_layout_errors_name_the_key():
+    from configs import tiny
+    from rlver_jax.trainer import ConfigError, validate_process_layout
+    c = tiny.get_config()  # 16 dialogues in groups of 4: 4 profiles per step
+    validate_process_layout(c, 1, False)
+    validate_process_layout(c, 4, True)
+    with pytest.raises(ConfigError, match=r"config\.rollout\.batch_dialogues: .*4 profiles "
+                                          r"per step, which 3 processes"):
+        validate_process_layout(c, 3, True)
+    with pytest.raises(ConfigError, match=r"config\.mesh\.shape: .*one process only.*2 "
+                                          r"processes"):
+        validate_process_layout(c, 2, False)

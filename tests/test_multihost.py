@@ -88,12 +88,13 @@ def _train_env(process_id: int, port: int) -> dict:
     return env
 
 
-def _train_two_processes(workdir, total_steps: int) -> list[str]:
-    # PPO (critic, GAE) in think mode: each host has its own number of training rows per
-    # step, which the processes must agree on. Mesh (data 2 across the hosts, fsdp 2
-    # within each); 8 dialogues = 4 per host; evaluation over 3 profiles (2 + 1).
-    args = [sys.executable, "-m", "rlver_jax.train", f"--workdir={workdir}",
-            f"--config.total_steps={total_steps}", "--config.rl.algorithm=ppo",
+def _train_two_processes(workdir, total_steps: int, args: list[str] | None = None
+                         ) -> list[str]:
+    # By default: GRPO (group advantages computed per host) in think mode, where each host
+    # has its own number of training rows per step, which the processes must agree on.
+    # Mesh (data 2 across the hosts, fsdp 2 within each); 8 dialogues in groups of 2 =
+    # 4 per host; evaluation over 3 profiles (2 + 1).
+    args = args or [
             "--config.rollout.think=True", "--config.rollout.batch_dialogues=8",
             "--config.rollout.group_size=2", "--config.rollout.max_turn_tokens=8",
             "--config.simulator.overrides.max_turns=2", "--config.mesh.shape=(2,2,1)",
@@ -101,6 +102,8 @@ def _train_two_processes(workdir, total_steps: int) -> list[str]:
             "--config.eval.max_dialogues=3", "--config.log.every_process=True",
             "--config.log.progress=False", "--config.log.tensorboard=False",
             "--config.log.plots=False"]
+    args = [sys.executable, "-m", "rlver_jax.train", f"--workdir={workdir}", *args,
+            f"--config.total_steps={total_steps}"]  # after a --config=FILE among args
     port = _free_port()
     procs = [subprocess.Popen(args, cwd=ROOT, env=_train_env(i, port), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -130,12 +133,10 @@ def test_two_processes_run_the_train_command_resume_and_export(tmp_path):
     outputs = _train_two_processes(workdir, total_steps=3)  # resumes from step 2
     assert "resumed from step 2" in outputs[0]
 
-    main = read_metrics(workdir / "metrics.jsonl")
-    other = read_metrics(workdir / "metrics.process1.jsonl")
-    assert [r["step"] for r in main] == [r["step"] for r in other] == [0, 1, 2]
-    for a, b in zip(main, other):
-        shared = {k: v for k, v in a.items() if not k.startswith(LOCAL_PREFIXES)}
-        assert shared == {k: v for k, v in b.items() if not k.startswith(LOCAL_PREFIXES)}
+    main, other = _shared_metrics(workdir)
+    assert [r["step"] for r in main] == [0, 1, 2]
+    assert main == other
+    for a in main:
         # Reduced over both hosts' dialogues (4 each), not one host's.
         assert a["dialogues"] == 8
         assert 0.0 <= a["reward/mean"] <= 1.0 and np.isfinite(a["policy/loss"])
@@ -160,6 +161,28 @@ def test_two_processes_run_the_train_command_resume_and_export(tmp_path):
         f = SafetensorsFile(path)
         squares += sum(float(np.sum(np.asarray(f[k], np.float64) ** 2)) for k in f.keys())
     np.testing.assert_allclose(np.sqrt(squares), main[-1]["policy/param_norm"], rtol=1e-5)
+
+
+def _shared_metrics(workdir) -> list[list[dict]]:
+    """Per process, its metrics without the keys that are local by nature."""
+    files = [workdir / "metrics.jsonl", workdir / "metrics.process1.jsonl"]
+    return [[{k: v for k, v in r.items() if not k.startswith(LOCAL_PREFIXES)}
+             for r in read_metrics(f)] for f in files]
+
+
+@pytest.mark.skipif(os.environ.get("RLVER_SLOW_TESTS") != "1",
+                    reason="2-3 min on two cores; set RLVER_SLOW_TESTS=1")
+def test_two_processes_with_the_llm_simulator_agree(tmp_path):
+    """The simulator LLM in lock step: hosts re-sample unparsable analyzer outputs for
+    different rows and numbers of rounds, yet must make the same simulator calls."""
+    _train_two_processes(tmp_path, 2, [
+        "--config=configs/tiny_llm.py", "--config.simulator.overrides.max_turns=2",
+        "--config.mesh.shape=(-1,1,1)", "--config.log.every_process=True",
+        "--config.log.progress=False", "--config.log.tensorboard=False",
+        "--config.log.plots=False"])
+    main, other = _shared_metrics(tmp_path)
+    assert main == other and len(main) == 2
+    assert all(r["dialogues"] == 4 and r["tokens/simulator"] > 0 for r in main)
 
 
 def test_detect_reads_the_environment():

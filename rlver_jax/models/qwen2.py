@@ -268,7 +268,11 @@ class Qwen2(nnx.Module):
             causal = jnp.arange(cache.capacity)[None, :] <= query_slots[:, None]
             allowed = causal[None] & valid[:, None, :]
 
-        x = self.embed[...].astype(c.jnp_dtype)[input_ids]
+        # The table is gathered over its embed split before the lookup (FSDP style), so the
+        # backward scatters batch-split gradients into it; XLA's own choice would replicate
+        # the whole [B, T, D] gradient on every device to match the table's split.
+        table = constrain(self.embed[...], ("vocab", None))
+        x = table.astype(c.jnp_dtype)[input_ids]
         x = constrain(x, ("batch", "length", "embed"))
         x, kv = self.layers(x, cos, sin, allowed, cache)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)

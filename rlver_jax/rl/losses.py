@@ -44,6 +44,8 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from rlver_jax.sharding import constrain
+
 Array = jax.Array
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -326,6 +328,11 @@ def _chunk_logprobs_and_entropy(
     head_weight: Array, hidden: Array, targets: Array, temperature: Array, compute_dtype
 ) -> tuple[Array, Array]:
     """One chunk: BCD,DV->BCV logits in float32, then logp at targets and entropy, [B, C]."""
+    # On a mesh: rows stay split over the batch axes and the head is gathered over D (the
+    # FSDP way). Left to itself, XLA splits the contraction over D like the stored weight
+    # and reshards the activations by replicating them in full.
+    hidden = constrain(hidden, ("batch", "length", None))
+    head_weight = constrain(head_weight, (None, "vocab"))
     logits = jnp.einsum(
         "BCD,DV->BCV",
         hidden.astype(compute_dtype),

@@ -34,7 +34,7 @@ from typing import Any, Callable, Mapping, Sequence
 from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import HIDDEN_NEEDS, OTHER_NEED, PERSONALITIES, SHIPPED, \
-    ProfileError, load_profiles
+    ProfileError, load_profiles, profiles_path
 from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
 from rlver_jax.env.users import mix_seed
 
@@ -372,12 +372,11 @@ def _wrap(text: str, width: int) -> list[str]:
 def resolve_profiles(spec: str, max_dialogues: int = 0) -> tuple[list, str]:
     """A shipped set name or a jsonl path -> (profiles, description). Errors name the file
     (and the line, for a bad record)."""
-    path = os.fspath(SHIPPED.get(spec, spec))
-    if not os.path.isfile(path):
-        raise EvaluateError(f"profiles file not found: {spec} (not a file and not a shipped "
-                            f"set: {', '.join(sorted(SHIPPED))})")
     try:
+        path = profiles_path(spec)
         profiles = load_profiles(path)
+    except FileNotFoundError as e:
+        raise EvaluateError(str(e)) from e
     except ProfileError as e:
         raise EvaluateError(f"bad profiles file: {e}") from e
     except OSError as e:

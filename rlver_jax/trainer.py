@@ -32,7 +32,7 @@ from flax import nnx
 from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
 from rlver_jax.env import simulator as sim
-from rlver_jax.env.profiles import SHIPPED, load_profiles
+from rlver_jax.env.profiles import load_profiles, profiles_path
 from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, RolloutSummary, collate,
                                    dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
@@ -107,10 +107,10 @@ def validate_process_layout(c: ml_collections.ConfigDict, processes: int,
 
 def resolve_profiles(spec: str):
     """A shipped set name or a jsonl path -> profiles."""
-    path = SHIPPED.get(spec, spec)
-    if not os.path.exists(path):
-        raise ConfigError(f"profiles {spec!r}: no such shipped set ({sorted(SHIPPED)}) or file")
-    return load_profiles(path)
+    try:
+        return load_profiles(profiles_path(spec))
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
 
 
 def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = None,

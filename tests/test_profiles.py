@@ -19,6 +19,7 @@ from rlver_jax.env.profiles import (
     load_profiles,
     personality,
     profile_language,
+    profiles_path,
     write_profiles,
 )
 
@@ -252,3 +253,15 @@ def test_shipped_english_tasks_start_with_need(shipped):
         assert p.main_cha in PERSONALITIES
         # The scene ends with the hidden theme, as in the released files.
         assert p.scene.rsplit("***", 1)[1] in p.task
+
+
+def test_profiles_path_resolves_shipped_names_and_files(tmp_path):
+    assert profiles_path("en_eval") == str(SHIPPED["en_eval"])
+    own = tmp_path / "mine.jsonl"
+    own.write_text("")
+    assert profiles_path(own) == str(own)
+    with pytest.raises(FileNotFoundError, match=r"'en_evl': no such file, and not a shipped "
+                                                r"set \(en_eval, en_train, zh_eval, zh_train\)"):
+        profiles_path("en_evl")
+    with pytest.raises(FileNotFoundError, match="not a shipped set"):
+        profiles_path(tmp_path)  # a directory is not a profiles file

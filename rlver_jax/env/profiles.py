@@ -204,6 +204,16 @@ def profile_from_dict(
     )
 
 
+def profiles_path(spec: str | os.PathLike[str]) -> str:
+    """The file behind a profile spec: a shipped set's name (`en_train`, ...) or a path.
+    Raises FileNotFoundError naming the spec and the shipped sets."""
+    path = os.fspath(SHIPPED.get(os.fspath(spec), spec))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"profiles {os.fspath(spec)!r}: no such file, and not a "
+                                f"shipped set ({', '.join(sorted(SHIPPED))})")
+    return path
+
+
 def load_profiles(path: str | os.PathLike[str]) -> list[Profile]:
     """Reads a profile jsonl file (RLVER / SAGE schema) in file order.
 

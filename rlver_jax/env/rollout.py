@@ -91,7 +91,8 @@ class _Track:
         self.raw.extend(raw if raw is not None else [0.0] * len(ids))
 
 
-END_REASONS = ("turn_limit", "emotion_low", "emotion_high", "goodbye", "length", "format")
+# How a dialogue can end: the simulator's reasons, then the rollout's own.
+END_REASONS = (*sim.TERMINATION_REASONS, "length", "format")
 
 
 def _mean(values) -> float:
@@ -152,7 +153,7 @@ class RolloutResult:
     dialogues: list[sim.DialogueState]
     metrics: dict[str, float]
     timing: dict[str, float]
-    summary: RolloutSummary | None = None
+    summary: RolloutSummary
 
 
 class DialogueRollout:

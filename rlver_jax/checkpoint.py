@@ -362,8 +362,8 @@ class PreemptionGuard:
         if jax.process_count() == 1:
             return self.requested
         from jax.experimental import multihost_utils
-        flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
-        stop = bool(np.asarray(flags).any())
+        from rlver_jax.distributed import any_process
+        stop = any_process(self.requested)
         try:
             stop = stop or bool(multihost_utils.reached_preemption_sync_point(step))
         except RuntimeError:  # the pre-emption service is disabled

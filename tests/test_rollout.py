@@ -489,13 +489,19 @@ def _sharpened(model, scale: float = 8.0):
     return nnx.merge(graphdef, state)
 
 
-def test_kv_continuation_matches_reprefill(models, tok, profiles):
-    """No-think rollouts at temperature 0: continuing each row's KV cache across turns
-    samples exactly the tokens that re-prefilling the whole dialogue every turn samples."""
+@pytest.mark.parametrize("think", [False, True], ids=["nothink", "think"])
+def test_kv_continuation_matches_reprefill(models, tok, profiles, think, monkeypatch):
+    """Rollouts at temperature 0: continuing each row's KV cache across turns samples
+    exactly the tokens that re-prefilling the whole dialogue every turn samples. In think
+    mode each row first rolls back to its previous prompt (dropping the old thought)."""
     _, _, inner, widths = models
     policy = _sharpened(models[0])
     cfg = sim.settings_from_config({"preset": "hard", "max_turns": REAL_MAX_TURNS})
-    settings = RolloutSettings(group_size=2, max_turn_tokens=MAX_TURN_TOKENS, temperature=0.0)
+    settings = RolloutSettings(group_size=2, max_turn_tokens=MAX_TURN_TOKENS, temperature=0.0,
+                               think=think)
+    rollbacks = []
+    real_rollback = inner._rollback
+    monkeypatch.setattr(inner, "_rollback", lambda *a: rollbacks.append(1) or real_rollback(*a))
     results = {}
     for continuation in (True, False):
         sampler = RecordingSampler(inner, widths, continuation=continuation)
@@ -503,6 +509,7 @@ def test_kv_continuation_matches_reprefill(models, tok, profiles):
         results[continuation] = (rollout.run(policy, profiles[:2], seed=3), sampler.calls)
     (cont, cont_calls), (fresh, fresh_calls) = results[True], results[False]
     assert max(st.turns for st in cont.dialogues) >= 2  # there was something to continue
+    assert bool(rollbacks) == think  # only think mode drops tokens from the cache
     # The continued run prefilled only the new turn; the baseline the whole prompt.
     for c in cont_calls[1:]:
         longest = max(len(p) for p in c.prompts if p is not None)

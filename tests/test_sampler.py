@@ -272,6 +272,42 @@ def test_prefix_reuse_equals_fresh_call_and_grows_the_cache(models):
     assert again.tokens == sampler.generate(model, third, 10).tokens
 
 
+def test_rollback_continuation_equals_fresh_call(models):
+    """Prompts that depart from their row's cached tokens part-way (think mode drops the
+    old thought): each row rolls back to the common prefix, leaving holes in the cache,
+    and samples what a fresh prefill of the same prompts samples."""
+    path, _, config, model, sampler = models["gqa2-untied"]
+    rng = np.random.default_rng(5)
+    prompts = random_prompts(rng, config.vocab_size, [12, 17, 9, 14])
+    first = sampler.generate(model, prompts, 8, keep_state=True)
+    new = lambda n: random_prompts(rng, config.vocab_size, [n])[0]
+    departed = [
+        prompts[0] + first.tokens[0][:2] + new(5),  # keeps 2 generated tokens, drops the rest
+        prompts[1][:-3] + new(6),                   # departs inside the old prompt
+        prompts[2] + first.tokens[2] + new(3),      # a plain extension: keeps everything
+        list(prompts[3]),                           # the same prompt again: re-feeds its last
+    ]
+    cont = sampler.generate(model, departed, 8, keep_state=True, previous=first.state)
+    fresh = sampler.generate(model, departed, 8, keep_state=True)
+    assert any(key[0] == "rollback" for key in sampler.compilations)
+    cont_index = int(cont.state.cache.index)
+    assert cont_index > int(fresh.state.cache.index)  # continued, with holes
+    assert cont.tokens == fresh.tokens
+    np.testing.assert_allclose(np.concatenate(cont.raw_logprobs),
+                               np.concatenate(fresh.raw_logprobs), atol=1e-5)
+    # A second roll-back on top of the holes of the first one (the state is consumed).
+    again = [p[:len(p) - 2] + new(4) for p in departed]
+    a = sampler.generate(model, again, 8, previous=cont.state, keep_state=True)
+    b = sampler.generate(model, again, 8)
+    assert int(a.state.cache.index) > cont_index and a.tokens == b.tokens
+
+    # Less than half of a new prompt in common: a fresh prefill, not a continuation.
+    unrelated = [p[:2] + new(20) for p in prompts]
+    c = sampler.generate(model, unrelated, 8, previous=a.state, keep_state=True)
+    assert int(c.state.cache.index) == int(
+        sampler.generate(model, unrelated, 8, keep_state=True).state.cache.index)
+
+
 # --------------------------------------------------------------------- sharding, dtypes
 def test_sharded_greedy_equals_single_device(models):
     from rlver_jax.sharding import make_mesh

@@ -10,7 +10,9 @@ Training samples hold token ids exactly as sampled, never a re-tokenisation of t
   generated tokens (content and its end-of-turn token), 0 on the system prompt, user turns
   and role headers; the KV cache carries over from turn to turn.
 - think: one sample per policy turn (prompt = history with old thoughts removed, response =
-  this turn's generation); every turn of a dialogue shares the final reward.
+  this turn's generation); every turn of a dialogue shares the final reward. The KV cache
+  carries over too: each row rolls back to the end of its previous prompt (dropping the
+  old thought) and appends the new turn.
 The reward sits on the last policy token of each sample.
 
 Multi-host: each process plays its own dialogues; when the policy sampler's mesh spans
@@ -260,7 +262,7 @@ class DialogueRollout:
             out = self.sampler.generate(
                 policy, prompts, s.max_turn_tokens, temperature=s.temperature, top_p=s.top_p,
                 top_k=s.top_k, stop_token_ids=self.tokenizer.eos_ids, seed=mix_seed(seed, turn, 1),
-                previous=None if s.think else previous, keep_state=not s.think)
+                previous=previous, keep_state=True)
             timing["policy_s"] += time.perf_counter() - t0
             previous = out.state
             replies = {}

@@ -7,8 +7,11 @@ are traced scalars: changing them never recompiles. Weights are arguments of the
 functions, never constants, so the same programs serve updated policy weights.
 
 Continuation: `generate(..., previous=state)` appends only the new suffix of each prompt
-to the cache that the previous call left, when every prompt extends that row's cached
-tokens (multi-turn dialogues grow by one turn at a time).
+to the cache that the previous call left. A prompt that extends its row's cached tokens
+(multi-turn dialogues grow by one turn at a time) keeps them all; a prompt that departs
+from them part-way (think mode: the next prompt drops the old thought) rolls the row back
+to the common prefix — the slots after it are marked invalid, leaving holes the attention
+mask skips — when that prefix is at least half of the new prompt.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -47,6 +50,16 @@ class SamplerState:
     # None marks a row that cannot be continued: a padding row (it holds a dummy token) or
     # a row that the last call did not use (its slots may hold another call's tokens).
     cached_tokens: list[list[int] | None]
+    # Per row, the cache slot of each cached token (rows have holes after a roll-back).
+    cached_slots: list[list[int] | None]
+
+
+def kept_prefix(prompt: Sequence[int], cached: Sequence[int]) -> int:
+    """How many cached tokens a continuation keeps: the common prefix of the prompt and the
+    cached tokens, leaving at least one prompt token to feed (its logits start sampling)."""
+    limit = min(len(prompt) - 1, len(cached))
+    differ = np.flatnonzero(np.asarray(prompt[:limit]) != np.asarray(cached[:limit]))
+    return int(differ[0]) if len(differ) else limit
 
 
 @dataclasses.dataclass
@@ -131,6 +144,7 @@ class Sampler:
                                static_argnames=("max_new_bucket",))
         # Not donated: the grown cache has a different shape, so XLA could not reuse it.
         self._grow = jax.jit(self._grow_impl, static_argnames=("capacity",))
+        self._rollback = jax.jit(self._rollback_impl, donate_argnums=(0,))
 
     # -------------------------------------------------------------- jitted programs
     def _prefill_impl(self, weights, cache, tokens, mask):
@@ -147,6 +161,15 @@ class Sampler:
         return KVCache(k=pad_kv(cache.k), v=pad_kv(cache.v),
                        valid=jnp.pad(cache.valid, ((0, 0), (0, pad))),
                        index=cache.index, next_position=cache.next_position)
+
+    def _rollback_impl(self, cache, rows, keep, positions):
+        """Rows [B] marked in `rows` keep only the slots marked in `keep` [B, S] and resume at
+        rotary position `positions` [B] (their number of kept tokens)."""
+        self.compilations["rollback", cache.valid.shape] += 1
+        return KVCache(k=cache.k, v=cache.v,
+                       valid=jnp.where(rows[:, None], cache.valid & keep, cache.valid),
+                       index=cache.index,
+                       next_position=jnp.where(rows, positions, cache.next_position))
 
     def _decode_impl(self, weights, cache, logits, alive, keys, max_new, stop_ids,
                      temperature, top_k, top_p, *, max_new_bucket):
@@ -262,17 +285,23 @@ class Sampler:
         agree_max = distributed.max_over_processes if self.multiprocess else int
         agree_all = distributed.all_processes if self.multiprocess else bool
 
-        # A continuation needs every active row (of every process) to extend the tokens
-        # cached in its row.
-        reuse = agree_all(
-            previous is not None and len(previous.cached_tokens) >= n
-            and all(c is not None and len(p) > len(c) and list(p[:len(c)]) == c
-                    for p, c in zip(prompts, previous.cached_tokens) if p is not None))
+        # A continuation needs every active row (of every process) to have cached tokens
+        # and to keep all of them (an extension) or at least half of its new prompt.
+        keep: list[int] = [0] * n
+        local_reuse = (previous is not None and len(previous.cached_tokens) >= n
+                       and all(c is not None for p, c in zip(prompts, previous.cached_tokens)
+                               if p is not None))
+        if local_reuse:
+            keep = [0 if p is None else kept_prefix(p, c)
+                    for p, c in zip(prompts, previous.cached_tokens)]
+            local_reuse = all(k == len(c) or 2 * k >= len(p) for p, c, k
+                              in zip(prompts, previous.cached_tokens, keep) if p is not None)
+        reuse = agree_all(local_reuse)
         if reuse:
             cache = previous.cache
             batch = cache.batch_size // processes  # this process's rows
-            suffixes = [[] if p is None else list(p[len(c):])
-                        for p, c in zip(prompts, previous.cached_tokens)]
+            suffixes = [[] if p is None else list(p[k:]) for p, k in zip(prompts, keep)]
+            cache = self._roll_back(cache, batch, prompts, previous, keep)
         else:
             batch = next_power_of_two(agree_max(n))
             suffixes = [[] if p is None else list(p) for p in prompts]
@@ -291,8 +320,10 @@ class Sampler:
             mask[unused, -1] = True
             capacity = next_power_of_two(width + max_new_bucket)
             cache = self._new_cache(batch * processes, capacity)
+            start = 0
         else:
-            needed = int(cache.index) + width + max_new_bucket
+            start = int(cache.index)
+            needed = start + width + max_new_bucket
             if needed > cache.capacity:
                 cache = self._grow(cache, capacity=next_power_of_two(needed))
 
@@ -318,15 +349,43 @@ class Sampler:
             out_raws.append(raws[i, :length].tolist())
         state = None
         if keep_state:
-            # Fed into the cache: the prompt and every generated token but the last.
+            # Fed into the cache: the prompt and every generated token but the last, the
+            # suffix right-aligned in this call's prefill block, generated tokens after it.
             # An unused row keeps what it held when this call continued a previous one.
-            cached = [list(p) + t[:-1] if p is not None
-                      else (previous.cached_tokens[i] if reuse else None)
-                      for i, (p, t) in enumerate(zip(prompts, out_tokens))]
+            cached, slots = [], []
+            for i, (p, t) in enumerate(zip(prompts, out_tokens)):
+                if p is None:
+                    cached.append(previous.cached_tokens[i] if reuse else None)
+                    slots.append(previous.cached_slots[i] if reuse else None)
+                    continue
+                kept = previous.cached_slots[i][:keep[i]] if reuse else []
+                end = start + width
+                cached.append(list(p) + t[:-1])
+                slots.append(kept + list(range(end - len(suffixes[i]), end))
+                             + list(range(end, end + len(t) - 1)))
             cached += [None] * (batch - n)
-            state = SamplerState(cache=cache, cached_tokens=cached)
+            slots += [None] * (batch - n)
+            state = SamplerState(cache=cache, cached_tokens=cached, cached_slots=slots)
         return SampleOutput(tokens=out_tokens, logprobs=out_lps, raw_logprobs=out_raws,
                             stopped=[bool(s) for s in stopped[:n]], state=state)
+
+    def _roll_back(self, cache: KVCache, batch: int, prompts, previous: SamplerState,
+                   keep: list[int]) -> KVCache:
+        """Invalidates, in rows whose prompt departs from their cached tokens, every slot
+        after the kept prefix. A no-op (no program runs) when no row of any process needs it."""
+        rows = np.zeros((batch,), bool)
+        slots_kept = np.zeros((batch, cache.capacity), bool)
+        positions = np.zeros((batch,), np.int32)
+        for i, (p, k) in enumerate(zip(prompts, keep)):
+            if p is not None and k < len(previous.cached_tokens[i]):
+                rows[i] = True
+                slots_kept[i, previous.cached_slots[i][:k]] = True
+                positions[i] = k
+        roll = distributed.any_process(rows.any()) if self.multiprocess else rows.any()
+        if not roll:
+            return cache
+        return self._rollback(cache, self._place(rows), self._place(slots_kept),
+                              self._place(positions))
 
     @property
     def num_compilations(self) -> int:

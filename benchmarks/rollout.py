@@ -5,7 +5,8 @@
     python -m benchmarks.rollout --preset qwen2.5-0.5b --sim_preset qwen2.5-0.5b \\
         --dtype bfloat16 --turns 1 2 4 8 16 --batch 1 8 32     # a GPU
 
-One rollout is `DialogueRollout.run` with the no-think policy and an `LLMUser` whose model
+One rollout is `DialogueRollout.run` with the policy (no-think, or `--think`: one sample
+per turn, each turn's prompt dropping the previous thought) and an `LLMUser` whose model
 is a random network of `--sim_preset`: every user turn is one batched analyzer generation
 and one batched actor generation, as in training. The turn count is fixed by the simulator
 settings (`max_turns`, no emotion-based or goodbye ending, no parse retries: a random
@@ -63,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="simulator prompt cap (head + tail kept), as SimulatorSampling")
     p.add_argument("--min_prompt_bucket", type=int, default=64,
                    help="smallest prefill width of the policy sampler")
+    p.add_argument("--think", action="store_true",
+                   help="think-then-say rollouts (the KV cache rolls back each turn)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--peer", default="reprefill", choices=("reprefill", "none"))
     p.add_argument("--peer_batch_sweep", action="store_true",
@@ -132,7 +135,7 @@ class Setup:
         self.profiles = load_profiles(SHIPPED["en_train"])
         self.preset, self.sim_preset, self.config = preset, sim_name, config
 
-    def rollout(self, turns: int, turn_tokens: int, continuation: bool):
+    def rollout(self, turns: int, turn_tokens: int, continuation: bool, think: bool = False):
         from rlver_jax.env import simulator as sim
         from rlver_jax.env.rollout import DialogueRollout, RolloutSettings
 
@@ -143,7 +146,8 @@ class Setup:
         user = self.user_cls(cfg, self.simulator, self.tokenizer, self.sim_sampler,
                              self.sim_sampling)
         sampler = self.policy_sampler if continuation else _NoContinuation(self.policy_sampler)
-        settings = RolloutSettings(max_turn_tokens=turn_tokens, max_dialogue_tokens=1 << 20)
+        settings = RolloutSettings(max_turn_tokens=turn_tokens, max_dialogue_tokens=1 << 20,
+                                   think=think)
         return DialogueRollout(self.tokenizer, user, cfg, settings, sampler), user
 
 
@@ -152,9 +156,9 @@ def _profiles(setup: Setup, batch: int) -> list:
 
 
 def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int,
-            continuation: bool) -> dict[str, Any]:
+            continuation: bool, think: bool = False) -> dict[str, Any]:
     """Warm-up rollout (compiles), then the median of `repeats` identical warm rollouts."""
-    rollout, user = setup.rollout(turns, turn_tokens, continuation)
+    rollout, user = setup.rollout(turns, turn_tokens, continuation, think)
     profiles = _profiles(setup, batch)
     # The same seed every time: identical work, so the warm runs reuse every program.
     t0 = time.perf_counter()
@@ -207,7 +211,7 @@ def _record(setup: Setup, args, machine, sweep: str, turns: int, batch: int,
     config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
               "sweep": sweep, "turns": turns, "batch": batch, "turn_tokens": args.turn_tokens,
               "sim_tokens": args.sim_tokens, "sim_prompt_tokens": args.sim_prompt_tokens,
-              "think": False}
+              "think": args.think}
     record = common.base_record("rollout", config, machine)
     record.update(ours)
     record.update(peer=None, peer_tokens_per_s=None, ratio=None, peer_wall_s=None,
@@ -247,9 +251,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         with_peer = args.peer == "reprefill"
         sweep = []
         for turns in sorted(args.turns):
-            ours = measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats, True)
+            ours = measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats, True,
+                           args.think)
             peer = (measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats,
-                            False) if with_peer else None)
+                            False, args.think) if with_peer else None)
             record = _record(setup, args, machine, "turns", turns, args.turns_batch, ours,
                              peer)
             _print(record)
@@ -282,9 +287,9 @@ def run(args: argparse.Namespace) -> list[dict]:
                         if peer_here and reuse["peer"] else None)
             else:
                 ours = measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
-                               True)
+                               True, args.think)
                 peer = (measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
-                                False) if peer_here else None)
+                                False, args.think) if peer_here else None)
             record = _record(setup, args, machine, "batch", args.batch_turns, batch, ours,
                              peer)
             _print(record)

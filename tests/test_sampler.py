@@ -344,3 +344,24 @@ def test_bfloat16_generation_runs_and_mostly_agrees(models):
     gap = (top2[:, 1] - top2[:, 0]) / np.max(np.abs(last), axis=-1)
     assert np.all(first16[gap > 0.05] == first32[gap > 0.05])
     assert np.mean(first16 == first32) >= 0.75
+
+
+def test_continuations_compact_a_cache_full_of_holes(models):
+    """Each turn keeps one generated token and drops the rest: holes pile up until the
+    cache would exceed twice what a fresh prefill needs, and the sampler starts over."""
+    path, _, config, model, sampler = models["gqa2-untied"]
+    rng = np.random.default_rng(11)
+    prompts = random_prompts(rng, config.vocab_size, [10, 6])
+    out = sampler.generate(model, prompts, 16, keep_state=True)
+    indices = []
+    for _ in range(6):
+        prompts = [p + t[:1] + random_prompts(rng, config.vocab_size, [3])[0]
+                   for p, t in zip(prompts, out.tokens)]
+        fresh = sampler.generate(model, prompts, 16, keep_state=True)
+        out = sampler.generate(model, prompts, 16, keep_state=True, previous=out.state)
+        assert out.tokens == fresh.tokens
+        assert out.state.cache.capacity <= 2 * fresh.state.cache.capacity
+        indices.append(int(out.state.cache.index))
+    # Some turns continued (the index grew), at least one started over (it fell back).
+    steps = np.diff(indices)
+    assert (steps > 0).any() and (steps < 0).any(), indices

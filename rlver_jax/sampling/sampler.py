@@ -11,7 +11,9 @@ to the cache that the previous call left. A prompt that extends its row's cached
 (multi-turn dialogues grow by one turn at a time) keeps them all; a prompt that departs
 from them part-way (think mode: the next prompt drops the old thought) rolls the row back
 to the common prefix — the slots after it are marked invalid, leaving holes the attention
-mask skips — when that prefix is at least half of the new prompt.
+mask skips — when that prefix is at least half of the new prompt. A cache that holes and
+unused decode slots have made more than twice as large as a fresh prefill would need is
+dropped for a fresh prefill, which bounds its memory.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -297,17 +299,25 @@ class Sampler:
             local_reuse = all(k == len(c) or 2 * k >= len(p) for p, c, k
                               in zip(prompts, previous.cached_tokens, keep) if p is not None)
         reuse = agree_all(local_reuse)
+        width_of = lambda rows: next_power_of_two(
+            agree_max(max((len(r) for r in rows), default=0)), self.min_prompt_bucket)
+        whole = [[] if p is None else list(p) for p in prompts]
         if reuse:
-            cache = previous.cache
-            batch = cache.batch_size // processes  # this process's rows
             suffixes = [[] if p is None else list(p[k:]) for p, k in zip(prompts, keep)]
-            cache = self._roll_back(cache, batch, prompts, previous, keep)
+            width = width_of(suffixes)
+            # Holes and unused decode slots accumulate over continuations: past twice the
+            # capacity a fresh prefill of these prompts needs, start over (compacting).
+            fresh_capacity = next_power_of_two(width_of(whole) + max_new_bucket)
+            reuse = (next_power_of_two(int(previous.cache.index) + width + max_new_bucket)
+                     <= 2 * fresh_capacity)
+        if reuse:
+            batch = previous.cache.batch_size // processes  # this process's rows
+            cache = self._roll_back(previous.cache, batch, prompts, previous, keep)
         else:
             batch = next_power_of_two(agree_max(n))
-            suffixes = [[] if p is None else list(p) for p in prompts]
+            suffixes = whole
+            width = width_of(suffixes)
             cache = None
-        width = next_power_of_two(agree_max(max((len(s) for s in suffixes), default=0)),
-                                  self.min_prompt_bucket)
         tokens = np.zeros((batch, width), np.int32)
         mask = np.zeros((batch, width), bool)
         for i, s in enumerate(suffixes):

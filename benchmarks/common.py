@@ -124,6 +124,19 @@ def configure_torch_threads(threads: int | None) -> int:
 
 
 # ------------------------------------------------------------------------ twin models
+def machine_and_twin_models(args) -> tuple[dict, Any, Any, Any]:
+    """(machine info, config, our model, transformers peer or None) for a benchmark whose
+    `--peer transformers` compares against torch: the peer's threads are set and recorded
+    in the machine info before it is built."""
+    machine = machine_info()
+    with_peer = args.peer == "transformers"
+    if with_peer:
+        machine["torch_threads"] = configure_torch_threads(args.torch_threads)
+    config, model, peer = build_twin_models(args.preset, dtype=args.dtype,
+                                            with_peer=with_peer)
+    return machine, config, model, peer
+
+
 def build_twin_models(preset: str, *, dtype: str = "float32", seed: int = 0,
                       with_peer: bool = True, workdir: str | None = None):
     """Our model and transformers' Qwen2ForCausalLM with identical random weights.

@@ -41,12 +41,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
     from flax import nnx
 
-    machine = common.machine_info()
-    with_peer = args.peer == "transformers"
-    if with_peer:
-        machine["torch_threads"] = common.configure_torch_threads(args.torch_threads)
-    config, model, peer = common.build_twin_models(args.preset, dtype=args.dtype,
-                                                    with_peer=with_peer)
+    machine, config, model, peer = common.machine_and_twin_models(args)
     graphdef, state = nnx.split(model)
 
     @jax.jit

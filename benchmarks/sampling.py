@@ -162,12 +162,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     """Measures every (batch, prompt length); returns (and unless --no_save appends) records."""
     from rlver_jax.sampling import Sampler
 
-    machine = common.machine_info()
-    with_peer = args.peer == "transformers"
-    if with_peer:
-        machine["torch_threads"] = common.configure_torch_threads(args.torch_threads)
-    config, model, peer = common.build_twin_models(args.preset, dtype=args.dtype,
-                                                    with_peer=with_peer)
+    machine, config, model, peer = common.machine_and_twin_models(args)
     sampler = Sampler(model)
     n = args.new_tokens
     records = []

@@ -153,9 +153,12 @@ class RolloutSummary:
 class RolloutResult:
     samples: list[Sample]
     dialogues: list[sim.DialogueState]
-    metrics: dict[str, float]
     timing: dict[str, float]
     summary: RolloutSummary
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.summary.metrics()
 
 
 class DialogueRollout:
@@ -323,8 +326,7 @@ class DialogueRollout:
             turns=[st.turns for st in states], done_reason=[st.done_reason for st in states],
             policy_tokens=sum(t.policy_tokens for t in tracks.values()),
             samples=len(samples), stats=dict(stats))
-        return RolloutResult(samples=samples, dialogues=states, metrics=summary.metrics(),
-                             timing=timing, summary=summary)
+        return RolloutResult(samples=samples, dialogues=states, timing=timing, summary=summary)
 
     # ------------------------------------------------------------------ outputs
     @staticmethod

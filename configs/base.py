@@ -53,6 +53,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.max_analyzer_tokens = 512
     c.simulator.max_actor_tokens = 384
     c.simulator.max_prompt_tokens = 8192
+    # Keep the simulator's KV cache per dialogue across turns (False: re-prefill every
+    # prompt; for comparison only, the outputs are the same).
+    c.simulator.reuse_cache = True
 
     c.data = ml_collections.ConfigDict()
     # A shipped set name (en_train, en_eval, zh_train, zh_eval) or a jsonl path, e.g.

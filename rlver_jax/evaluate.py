@@ -154,6 +154,11 @@ def _turn_token_counts(samples, think: bool, stop_ids: set[int]) -> list[int]:
     return counts
 
 
+# Prompt tokens computed vs served from a KV cache, and simulator prompt truncations.
+CACHE_COUNTS = ("policy_prefill_tokens", "policy_reused_tokens", "simulator_prefill_tokens",
+                "simulator_reused_tokens", "simulator_truncations")
+
+
 def build_report(records: list[dict[str, Any]], *, think: bool, stats: Mapping[str, float],
                  simulator: Mapping[str, Any], settings: Mapping[str, Any],
                  timing: Mapping[str, float]) -> Report:
@@ -217,9 +222,6 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
     rs = dataclasses.replace(rollout_settings, group_size=1)
     rollout = DialogueRollout(tokenizer, user, settings, rs, sampler)
     batch = max(batch_size if batch_size and batch_size > 0 else len(profiles), 1)
-    user_stats = getattr(user, "stats", None) or {}
-    sim_tokens_before = int(user_stats.get("simulator_tokens", 0))
-    sim_calls_before = int(user_stats.get("simulator_calls", 0))
     stop_ids = set(tokenizer.eos_ids)
     stats: collections.Counter = collections.Counter()
     timing = collections.Counter()
@@ -257,17 +259,17 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
             progress(f"batch {k + 1}/{chunks}: {done}/{len(profiles)} dialogues, "
                      f"running score {mean:.1f}, {time.perf_counter() - t0:.1f} s")
     total_s = time.perf_counter() - t_start
-    sim_tokens = int(user_stats.get("simulator_tokens", 0)) - sim_tokens_before
-    sim_calls = int(user_stats.get("simulator_calls", 0)) - sim_calls_before
+    # The rollout's stats hold the token accounting (summed over processes below).
+    sim_calls = int(stats.get("simulator_calls", 0))  # this process's: all make the same
     if multiprocess:
-        parts = distributed.gather_objects((records, dict(stats), sim_tokens))
+        parts = distributed.gather_objects((records, dict(stats)))
         records = [r for p in parts for r in p[0]]
         for i, r in enumerate(records):
             r["index"] = i
         stats = collections.Counter()
         for p in parts:
             stats.update(p[1])
-        sim_tokens = sum(p[2] for p in parts)
+    sim_tokens = int(stats.get("simulator_tokens", 0))
     policy_tokens = sum(r["policy_tokens"] for r in records)
     policy_s = timing.get("policy_s", 0.0)
     timing_out = {
@@ -277,6 +279,7 @@ def evaluate_policy(policy_model, tokenizer, user, profiles: Sequence[Any],
         "policy_tokens_per_s": policy_tokens / policy_s if policy_s > 0 else 0.0,
         "tokens_per_s": (policy_tokens + sim_tokens) / total_s if total_s > 0 else 0.0,
         "batches": chunks,
+        **{key: int(stats.get(key, 0)) for key in CACHE_COUNTS},
     }
     simulator = {"kind": getattr(user, "name", type(user).__name__),
                  "toy": getattr(user, "name", "") == "rule",
@@ -550,6 +553,8 @@ def _define_flags():
     flags.DEFINE_integer("simulator_max_analyzer_tokens", 512, "analyzer tokens per call", **d)
     flags.DEFINE_integer("simulator_max_actor_tokens", 384, "actor tokens per call", **d)
     flags.DEFINE_integer("simulator_max_prompt_tokens", 8192, "simulator prompt cap", **d)
+    flags.DEFINE_bool("simulator_reuse_cache", True, "keep the simulator's KV cache per "
+                      "dialogue across turns (false: re-prefill every prompt)", **d)
     flags.DEFINE_string("tokenizer", None, "policy tokenizer spec (default: the checkpoint's, "
                         "or the HF model dir)", **d)
     flags.DEFINE_string("dtype", None, "policy weight dtype (default: as trained / saved)", **d)
@@ -665,7 +670,8 @@ def run(fv, log: Callable[[str], None]) -> Report:
             temperature=fv.simulator_temperature, top_p=fv.simulator_top_p,
             max_analyzer_tokens=fv.simulator_max_analyzer_tokens,
             max_actor_tokens=fv.simulator_max_actor_tokens,
-            max_prompt_tokens=fv.simulator_max_prompt_tokens)
+            max_prompt_tokens=fv.simulator_max_prompt_tokens,
+            reuse_cache=fv.simulator_reuse_cache)
         user, sim_source = build_user(kind, settings, hf_dir=fv.simulator_hf_dir,
                                       preset=fv.simulator_preset, tokenizer=sim_tok,
                                       dtype=fv.simulator_dtype, seed=fv.seed,

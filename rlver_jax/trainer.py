@@ -176,7 +176,6 @@ class Trainer:
             unclosed_think=c.rollout.unclosed_think)
         self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
         self._prepare = jax.jit(self._prepare_impl)
-        self._sim_tokens_seen = 0
         self.rollout = DialogueRollout(self.tokenizer, self.user, self.sim_settings,
                                        self.rollout_settings, self.policy_sampler)
 
@@ -228,7 +227,8 @@ class Trainer:
             temperature=c.simulator.temperature, top_p=c.simulator.top_p,
             max_analyzer_tokens=c.simulator.max_analyzer_tokens,
             max_actor_tokens=c.simulator.max_actor_tokens,
-            max_prompt_tokens=c.simulator.max_prompt_tokens)
+            max_prompt_tokens=c.simulator.max_prompt_tokens,
+            reuse_cache=c.simulator.reuse_cache)
         self.user = LLMUser(self.sim_settings, sim_model, sim_tok,
                             Sampler(sim_model, mesh=self.mesh), sampling)
 
@@ -341,18 +341,16 @@ class Trainer:
         update_metrics = self._update(batch, padded_rows, step)
         t_update = time.perf_counter() - t0
         metrics.update(update_metrics)
-        # The LLM user counts its tokens cumulatively; the rule user generates none.
-        sim_tokens = getattr(self.user, "stats", {}).get("simulator_tokens", 0)
-        step_sim_tokens = sim_tokens - self._sim_tokens_seen
-        self._sim_tokens_seen = sim_tokens
         if self.multiprocess:
             # Metrics over every process's dialogues (each process holds only its own).
-            parts = distributed.gather_objects((result.summary, step_sim_tokens, rows))
+            parts = distributed.gather_objects((result.summary, rows))
             metrics.update(RolloutSummary.merge([p[0] for p in parts]).metrics())
-            step_sim_tokens = sum(p[1] for p in parts)
-            rows = sum(p[2] for p in parts)
+            rows = sum(p[1] for p in parts)
         else:
             metrics.update(result.metrics)
+        # The rollout counts the simulator's tokens (rollout/simulator_*; none for the rule
+        # user).
+        step_sim_tokens = metrics.get("rollout/simulator_tokens", 0.0)
         step_s = time.perf_counter() - t_start
         metrics.update({
             "time/step_s": step_s, "time/rollout_s": t_rollout, "time/logprobs_s": t_prep,

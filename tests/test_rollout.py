@@ -341,14 +341,14 @@ def _llm_user(models, tok, cfg):
     sampling = SimulatorSampling(temperature=0.7, max_analyzer_tokens=8, max_actor_tokens=7,
                                  max_prompt_tokens=256)
     user = LLMUser(cfg, simulator, tok, inner, sampling)
-    user.prompts = []  # (max_new, messages) of every simulator call
-    generate = user._generate
+    user.prompts = []  # (max_new, messages) of every simulator call (no retries here)
+    with_retries = user._with_retries
 
-    def recording_generate(messages, max_new, seed):
-        user.prompts.extend((max_new, m) for m in messages)
-        return generate(messages, max_new, seed)
+    def recording(stream, states, render, max_new, seed, parse, languages=None):
+        user.prompts.extend((max_new, render(i, 0)) for i in range(len(states)))
+        return with_retries(stream, states, render, max_new, seed, parse, languages)
 
-    user._generate = recording_generate
+    user._with_retries = recording
     return user
 
 

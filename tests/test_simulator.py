@@ -302,6 +302,42 @@ def test_actor_prompt_opening():
     assert "聊天还没有开始" in zh
 
 
+def _common_prefix_len(a: str, b: str) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("profile", [EN_PROFILE, ZH_PROFILE])
+def test_prompts_put_static_head_first_then_transcript_then_turn_tail(profile):
+    """Laid out for KV-cache reuse: the system message depends only on the profile and the
+    settings, and the next turn's prompt repeats this turn's up to the end of its
+    transcript (what changes every turn comes after it)."""
+    history = [("user", "first words"), ("assistant", "a kind reply")]
+    later = history + [("user", "second words"), ("assistant", "another reply")]
+    analysis = "Intent: x\nFit: y\nInner reaction: z\nFeeling: w\nEmotion change: +3"
+    renders = {
+        "analyzer": (render_analyzer_prompt(profile, history, "NEWEST-A", 63, HARD),
+                     render_analyzer_prompt(profile, later, "NEWEST-B", 77, HARD)),
+        "actor": (render_actor_prompt(profile, history, analysis, "C", HARD),
+                  render_actor_prompt(profile, later, None, "A", HARD)),
+    }
+    for name, (now, after) in renders.items():
+        assert now[0] == after[0], name  # the static head does not move
+        head = now[0]["content"]
+        for per_turn in ("NEWEST", "63", "77", "Level", "级", "first words", "kind reply"):
+            assert per_turn not in head, (name, per_turn)
+        user_now, user_after = now[1]["content"], after[1]["content"]
+        shared = _common_prefix_len(user_now, user_after)
+        end_of_transcript = user_now.index("a kind reply") + len("a kind reply")
+        assert shared >= end_of_transcript, name
+        # the per-turn tail follows the transcript
+        tail_marker = "NEWEST-A" if name == "analyzer" else ("Level C" if profile is EN_PROFILE
+                                                               else "C 级")
+        assert user_now.index(tail_marker) > end_of_transcript, name
+
+
 def test_templates_fill_every_placeholder():
     for profile in (EN_PROFILE, ZH_PROFILE):
         for s in DIFFICULTY_PRESETS.values():

@@ -15,6 +15,12 @@ Training samples hold token ids exactly as sampled, never a re-tokenisation of t
   old thought) and appends the new turn.
 The reward sits on the last policy token of each sample.
 
+A GRPO group's first policy prompt (system prompt and the shared opening) is prefilled once
+and copied into the group's rows (`Sampler.fork_groups`). `RolloutSummary.stats` is where
+the rollout's token accounting lives: policy and simulator prompt tokens computed
+(`*_prefill_tokens`) and served from a KV cache (`*_reused_tokens`), simulator tokens
+generated, calls and truncations.
+
 Multi-host: each process plays its own dialogues; when the policy sampler's mesh spans
 processes, the loop runs in lock step (every process keeps calling the sampler, with no
 rows of its own if need be, until no process has a live dialogue), and `RolloutSummary`
@@ -240,7 +246,9 @@ class DialogueRollout:
         previous = None
         turn = 0
         stats = {"parse_failures": 0, "analyzer_fallbacks": 0, "actor_fallbacks": 0,
-                 "format_violations": 0, "length_stops": 0}
+                 "format_violations": 0, "length_stops": 0, "policy_prefill_tokens": 0,
+                 "policy_reused_tokens": 0}
+        user_counts = dict(getattr(self.user, "stats", {}))
         while True:
             live = [i for i, st in enumerate(states) if not st.done]
             if not self._any(live):
@@ -262,12 +270,20 @@ class DialogueRollout:
             if not self._any(live):
                 break
             t0 = time.perf_counter()
+            forked = 0
+            if (previous is None and s.group_size > 1 and all(p is not None for p in prompts)
+                    and hasattr(self.sampler, "fork_groups")):
+                # The group's rows start from the same prompt: prefill it once per group.
+                previous, forked = self.sampler.fork_groups(policy, prompts, group_ids)
             out = self.sampler.generate(
                 policy, prompts, s.max_turn_tokens, temperature=s.temperature, top_p=s.top_p,
                 top_k=s.top_k, stop_token_ids=self.tokenizer.eos_ids, seed=mix_seed(seed, turn, 1),
                 previous=previous, keep_state=True)
             timing["policy_s"] += time.perf_counter() - t0
             previous = out.state
+            computed = forked + getattr(out, "prefill_tokens", 0)
+            stats["policy_prefill_tokens"] += computed
+            stats["policy_reused_tokens"] += sum(len(prompts[i]) for i in live) - computed
             replies = {}
             for i in live:
                 st = states[i]
@@ -319,6 +335,10 @@ class DialogueRollout:
                 if not st.done and not s.think:
                     tracks[st.dialogue_id].extend(self.tokenizer.render_turn("user", r.text))
 
+        if hasattr(self.user, "release"):
+            self.user.release()  # its caches are not needed past the rollout
+        for key, value in getattr(self.user, "stats", {}).items():
+            stats[key] = value - user_counts.get(key, 0)
         samples = self._finish(states, tracks, group_ids)
         summary = RolloutSummary(
             final_emotion=[float(st.emotion) for st in states],

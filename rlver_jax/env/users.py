@@ -2,7 +2,11 @@
 
 `LLMUser` runs the simulator model in process through the project's sampler: one batched
 generation for every live dialogue's analyzer call, then one for every actor call, with
-parse retries (new seed) for the rows that failed. `RuleUser` wraps the TOY `rule` judge
+parse retries (new seed) for the rows that failed. It keeps the KV cache of both calls
+(two streams) per dialogue row, keyed by dialogue id: the prompts put what never changes
+first and the transcript only grows, so each call prefills only the new transcript lines
+and the per-turn tail; a retry rolls back to the end of its prompt; the rows of a GRPO
+group share one prefill of their common head (`Sampler.fork_groups`). `RuleUser` wraps the TOY `rule` judge
 (lexicon scoring, template replies) behind the same interface for CPU demos and tests.
 
 Both return, per dialogue, an `Analysis` (the emotion change to apply) and then a user
@@ -12,7 +16,7 @@ message; they never modify dialogue state (the rollout does the bookkeeping).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
@@ -47,6 +51,30 @@ class SimulatorSampling:
     max_analyzer_tokens: int = 384
     max_actor_tokens: int = 256
     max_prompt_tokens: int = 8192
+    reuse_cache: bool = True             # False: every call prefills its whole prompt
+
+
+# A prompt over `max_prompt_tokens` loses whole oldest transcript turns until it is at most
+# this fraction of the cap: the slack lets the next turns extend the shortened prompt
+# (keeping the cache) instead of shortening it, and re-prefilling, every turn.
+TRUNCATE_TO_FRACTION = 0.75
+# One transcript turn: a user message and the policy's reply.
+MESSAGES_PER_TURN = 2
+
+# The LLM user's counters (cumulative; the rollout reports their change per run).
+STAT_KEYS = ("simulator_tokens", "simulator_calls", "simulator_prefill_tokens",
+             "simulator_reused_tokens", "simulator_truncations")
+
+
+@dataclasses.dataclass
+class _Stream:
+    """One kind of simulator call (analyzer or actor) over a set of dialogues: the sampler
+    state it continues and, per dialogue id, its row and how many of its oldest history
+    messages truncation has left out (only ever grows, so prompts keep extending)."""
+
+    rows: dict[str, int] = dataclasses.field(default_factory=dict)
+    state: Any = None
+    dropped: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def mix_seed(*parts: int) -> int:
@@ -86,7 +114,8 @@ class RuleUser:
 
 
 class LLMUser:
-    """The simulator LLM in process: batched analyzer and actor generations."""
+    """The simulator LLM in process: batched analyzer and actor generations, each
+    continuing its own per-dialogue KV cache (`SimulatorSampling.reuse_cache`)."""
 
     name = "llm"
 
@@ -97,40 +126,98 @@ class LLMUser:
         self.tokenizer = tokenizer
         self.sampler = sampler
         self.sampling = sampling
-        self.stats = {"simulator_tokens": 0, "simulator_calls": 0}
+        self.stats = {k: 0 for k in STAT_KEYS}
+        self._streams = {"analyzer": _Stream(), "actor": _Stream()}
         # Multi-host: every process must make the same simulator calls (see the sampler),
         # so "is there work left" is decided over all processes.
-        self._any = (distributed.any_process if getattr(sampler, "multiprocess", False)
-                     else bool)
+        self._multiprocess = getattr(sampler, "multiprocess", False)
+        self._any = distributed.any_process if self._multiprocess else bool
 
-    def _generate(self, messages: Sequence[list[dict[str, str]]], max_new: int, seed: int
-                  ) -> list[str]:
-        prompts = []
-        for m in messages:
-            ids = self.tokenizer.apply_chat_template(m, add_generation_prompt=True)
-            # Keep the head (instructions, persona) and the newest part of a long transcript.
-            limit = self.sampling.max_prompt_tokens
-            if len(ids) > limit:
-                ids = ids[:limit // 2] + ids[-(limit - limit // 2):]
-            prompts.append(ids)
+    def release(self) -> None:
+        """Drops the kept caches (the rollout calls it when its dialogues are over, so the
+        simulator's KV memory is not held through the update)."""
+        self._streams = {name: _Stream() for name in self._streams}
+
+    # ---------------------------------------------------------------- prompts
+    def _prompt(self, stream: _Stream, key: str, render: Callable[[int], list | None]
+                ) -> list[int]:
+        """Token ids of a row's prompt. `render(k)` gives the messages with the k oldest
+        history messages left out (None when there are not that many). Over the cap, whole
+        oldest turns go (the static head stays); as a last resort the middle is cut."""
+        limit = self.sampling.max_prompt_tokens
+        drop = stream.dropped.get(key, 0)
+        ids = self.tokenizer.apply_chat_template(render(drop), add_generation_prompt=True)
+        if len(ids) > limit:
+            target = int(limit * TRUNCATE_TO_FRACTION)
+            while len(ids) > target:
+                messages = render(drop + MESSAGES_PER_TURN)
+                if messages is None:
+                    break
+                drop += MESSAGES_PER_TURN
+                ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            stream.dropped[key] = drop
+            self.stats["simulator_truncations"] += 1
+        if len(ids) > limit:
+            # Nothing left to drop: keep the head (instructions, persona) and the newest part.
+            ids = ids[:limit // 2] + ids[-(limit - limit // 2):]
+        return ids
+
+    # ---------------------------------------------------------------- generation
+    def _generate(self, stream: _Stream, keys: Sequence[str], prompts: Sequence[list[int]],
+                  heads: Sequence[str], max_new: int, seed: int) -> list[str]:
+        """One batched generation for the rows of `keys`, continuing the stream's cache.
+        `heads[i]` names row i's static head (rows with the same one share its prefill)."""
         s = self.sampling
-        out = self.sampler.generate(self.model, prompts, max_new, temperature=s.temperature,
-                                    top_p=s.top_p, top_k=s.top_k,
-                                    stop_token_ids=self.tokenizer.eos_ids, seed=seed)
-        self.stats["simulator_tokens"] += sum(len(t) for t in out.tokens)
+        kwargs = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
+                      stop_token_ids=self.tokenizer.eos_ids, seed=seed)
+        if not s.reuse_cache:
+            out = self.sampler.generate(self.model, list(prompts), max_new, **kwargs)
+            tokens, forked = out.tokens, 0
+        else:
+            forked = 0
+            if any(k not in stream.rows for k in keys):
+                # New dialogues: the stream starts over with this call's rows.
+                stream.rows = {k: i for i, k in enumerate(keys)}
+                stream.dropped = {k: stream.dropped.get(k, 0) for k in keys}
+                stream.state = None
+                if not self._multiprocess and hasattr(self.sampler, "fork_groups"):
+                    stream.state, forked = self.sampler.fork_groups(self.model, prompts, heads)
+            rows: list[list[int] | None] = [None] * len(stream.rows)
+            for k, p in zip(keys, prompts):
+                rows[stream.rows[k]] = p
+            out = self.sampler.generate(self.model, rows, max_new, previous=stream.state,
+                                        keep_state=True, **kwargs)
+            stream.state = out.state
+            tokens = [out.tokens[stream.rows[k]] for k in keys]
+        # Reused: prompt tokens not computed (a group's shared head is computed once).
+        computed = forked + out.prefill_tokens
+        self.stats["simulator_prefill_tokens"] += computed
+        self.stats["simulator_reused_tokens"] += sum(len(p) for p in prompts) - computed
+        self.stats["simulator_tokens"] += sum(len(t) for t in tokens)
         self.stats["simulator_calls"] += 1
-        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+        return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
 
-    def _with_retries(self, messages, max_new, seed, parse, languages=None):
-        """Generates for every row, re-sampling (new seed) the rows that did not parse.
+    def _with_retries(self, stream_name: str, states: Sequence[sim.DialogueState],
+                      render: Callable[[int, int], list | None], max_new, seed, parse,
+                      languages=None):
+        """Generates for every row, re-sampling (new seed) the rows that did not parse: a
+        retry repeats its prompt, which the cache holds up to its last token.
+        `render(i, k)`: row i's messages without the k oldest history messages;
         `languages[i]` picks the language of row i's fallback reply."""
-        attempts: list[list[Any]] = [[] for _ in messages]
-        decisions: list[sim.RetryDecision | None] = [None] * len(messages)
-        pending = list(range(len(messages)))
+        stream = self._streams[stream_name]
+        keys = [st.dialogue_id for st in states]
+        prompts, heads = [], []
+        for i, key in enumerate(keys):
+            prompts.append(self._prompt(stream, key, lambda k, i=i: render(i, k)))
+            heads.append(render(i, 0)[0]["content"])
+        attempts: list[list[Any]] = [[] for _ in states]
+        decisions: list[sim.RetryDecision | None] = [None] * len(states)
+        pending = list(range(len(states)))
         round_ = 0
         while self._any(pending):
-            texts = self._generate([messages[i] for i in pending], max_new,
-                                   mix_seed(seed, round_))
+            texts = self._generate(stream, [keys[i] for i in pending],
+                                   [prompts[i] for i in pending], [heads[i] for i in pending],
+                                   max_new, mix_seed(seed, round_))
             still = []
             for i, text in zip(pending, texts):
                 attempts[i].append(parse(text))
@@ -154,11 +241,18 @@ class LLMUser:
             else:
                 need.append(i)
         if self._any(need):
-            msgs = [sim.render_actor_prompt(states[i].profile, [], None,
-                                            sim.emotion_level(states[i].emotion), self.settings)
-                    for i in need]
-            langs = [sim.resolve_language(states[i].profile, self.settings) for i in need]
-            _, decisions = self._with_retries(msgs, self.sampling.max_actor_tokens, seed,
+            chosen = [states[i] for i in need]
+
+            def render(i, drop):
+                if drop:
+                    return None  # no transcript yet
+                st = chosen[i]
+                return sim.render_actor_prompt(st.profile, [], None, sim.emotion_level(st.emotion),
+                                               self.settings)
+
+            langs = [sim.resolve_language(st.profile, self.settings) for st in chosen]
+            _, decisions = self._with_retries("actor", chosen, render,
+                                              self.sampling.max_actor_tokens, seed,
                                               sim.parse_actor, langs)
             for i, d in zip(need, decisions):
                 out[i] = d.reply
@@ -166,10 +260,17 @@ class LLMUser:
 
     def analyze(self, states: Sequence[sim.DialogueState], replies: Sequence[str], seed: int
                 ) -> list[Analysis]:
-        msgs = [sim.render_analyzer_prompt(s.profile, s.history[:-1], reply, s.emotion,
-                                           self.settings)
-                for s, reply in zip(states, replies)]
-        attempts, decisions = self._with_retries(msgs, self.sampling.max_analyzer_tokens, seed,
+        def render(i, drop):
+            st = states[i]
+            history = st.history[:-1]  # the reply itself is the last entry
+            # Keep the user's newest message: the reply answers it.
+            if drop > max(len(history) - 1, 0):
+                return None
+            return sim.render_analyzer_prompt(st.profile, history[drop:], replies[i],
+                                              st.emotion, self.settings)
+
+        attempts, decisions = self._with_retries("analyzer", states, render,
+                                                 self.sampling.max_analyzer_tokens, seed,
                                                  sim.parse_analyzer)
         out = []
         for tries, d in zip(attempts, decisions):
@@ -181,10 +282,16 @@ class LLMUser:
 
     def replies(self, states: Sequence[sim.DialogueState], analyses: Sequence[Analysis],
                 seed: int) -> list[UserReply]:
-        msgs = [sim.render_actor_prompt(s.profile, s.history, a.text,
-                                        sim.emotion_level(s.emotion), self.settings)
-                for s, a in zip(states, analyses)]
+        def render(i, drop):
+            st = states[i]
+            # Keep the newest user message and policy reply: the actor answers them.
+            if drop > max(len(st.history) - MESSAGES_PER_TURN, 0):
+                return None
+            return sim.render_actor_prompt(st.profile, st.history[drop:], analyses[i].text,
+                                           sim.emotion_level(st.emotion), self.settings)
+
         langs = [sim.resolve_language(s.profile, self.settings) for s in states]
-        _, decisions = self._with_retries(msgs, self.sampling.max_actor_tokens, seed,
+        _, decisions = self._with_retries("actor", states, render,
+                                          self.sampling.max_actor_tokens, seed,
                                           sim.parse_actor, langs)
         return [UserReply(d.reply or "", d.action == "accept", d.failures) for d in decisions]

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -75,6 +75,10 @@ class SampleOutput:
     raw_logprobs: list[list[float]]
     stopped: list[bool]
     state: SamplerState | None = None
+    # Prompt tokens of this process's rows that the call computed (prefilled) and that it
+    # served from the previous state's cache.
+    prefill_tokens: int = 0
+    reused_tokens: int = 0
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
@@ -147,6 +151,7 @@ class Sampler:
         # Not donated: the grown cache has a different shape, so XLA could not reuse it.
         self._grow = jax.jit(self._grow_impl, static_argnames=("capacity",))
         self._rollback = jax.jit(self._rollback_impl, donate_argnums=(0,))
+        self._fork = jax.jit(self._fork_impl)
 
     # -------------------------------------------------------------- jitted programs
     def _prefill_impl(self, weights, cache, tokens, mask):
@@ -172,6 +177,12 @@ class Sampler:
                        valid=jnp.where(rows[:, None], cache.valid & keep, cache.valid),
                        index=cache.index,
                        next_position=jnp.where(rows, positions, cache.next_position))
+
+    def _fork_impl(self, cache, sources):
+        """Row i of the result is row sources[i] of `cache` (a gather over the batch)."""
+        self.compilations["fork", cache.valid.shape, sources.shape] += 1
+        return KVCache(k=cache.k[:, sources], v=cache.v[:, sources], valid=cache.valid[sources],
+                       index=cache.index, next_position=cache.next_position[sources])
 
     def _decode_impl(self, weights, cache, logits, alive, keys, max_new, stop_ids,
                      temperature, top_k, top_p, *, max_new_bucket):
@@ -376,8 +387,48 @@ class Sampler:
             cached += [None] * (batch - n)
             slots += [None] * (batch - n)
             state = SamplerState(cache=cache, cached_tokens=cached, cached_slots=slots)
+        computed = sum(len(x) for x, a in zip(suffixes, active) if a)
+        reused = sum(k for k, a in zip(keep, active) if a) if reuse else 0
         return SampleOutput(tokens=out_tokens, logprobs=out_lps, raw_logprobs=out_raws,
-                            stopped=[bool(s) for s in stopped[:n]], state=state)
+                            stopped=[bool(s) for s in stopped[:n]], state=state,
+                            prefill_tokens=computed, reused_tokens=reused)
+
+    def fork_prefill(self, model: nnx.Module, prefixes: Sequence[Sequence[int]],
+                     sources: Sequence[int | None]) -> SamplerState:
+        """Prefills each prefix once and copies its cache row into every row that names it.
+
+        Row i of the returned state holds `prefixes[sources[i]]` (None: a row left unused),
+        ready for `generate(previous=...)`: a GRPO group's rows share their profile, so
+        their common prompt head is computed once per group instead of once per row.
+        Single-process meshes only (a multi-host caller prefills every row instead).
+        """
+        if self.multiprocess:
+            raise ValueError("fork_prefill: not available on a mesh that spans processes")
+        if not prefixes or any(len(p) == 0 for p in prefixes):
+            raise ValueError("fork_prefill: every prefix must hold at least one token")
+        bad = [s for s in sources if s is not None and not 0 <= s < len(prefixes)]
+        if bad:
+            raise ValueError(f"fork_prefill: source {bad[0]} outside 0..{len(prefixes) - 1}")
+        weights = nnx.state(model)
+        width = next_power_of_two(max(len(p) for p in prefixes), self.min_prompt_bucket)
+        groups = next_power_of_two(len(prefixes))
+        tokens = np.zeros((groups, width), np.int32)
+        mask = np.zeros((groups, width), bool)
+        for g, p in enumerate(prefixes):
+            tokens[g, width - len(p):] = p
+            mask[g, width - len(p):] = True
+        mask[len(prefixes):, -1] = True  # padding rows: one dummy token, as in generate
+        cache = self._new_cache(groups, width)
+        _, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
+        batch = next_power_of_two(len(sources))
+        rows = np.zeros((batch,), np.int32)  # unused rows copy row 0; they are never continued
+        rows[:len(sources)] = [0 if s is None else s for s in sources]
+        cache = self._fork(cache, self._place(rows))
+        cached = [None if s is None else list(prefixes[s]) for s in sources]
+        slots = [None if s is None else list(range(width - len(prefixes[s]), width))
+                 for s in sources]
+        pad = [None] * (batch - len(sources))
+        return SamplerState(cache=cache, cached_tokens=cached + pad, cached_slots=slots + pad)
 
     def _roll_back(self, cache: KVCache, batch: int, prompts, previous: SamplerState,
                    keep: list[int]) -> KVCache:
@@ -396,6 +447,32 @@ class Sampler:
             return cache
         return self._rollback(cache, self._place(rows), self._place(slots_kept),
                               self._place(positions))
+
+    def fork_groups(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
+                    groups: Sequence[Any]) -> tuple[SamplerState | None, int]:
+        """A state to continue `prompts` from in which rows with equal `groups` keys share
+        one prefill of their common prefix (`fork_prefill`), and the number of tokens that
+        prefill computed; (None, 0) when no group has two rows (nothing to share) or on a
+        mesh that spans processes."""
+        if self.multiprocess:
+            return None, 0
+        members: dict[Any, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(g, []).append(i)
+        if all(len(rows) == 1 for rows in members.values()):
+            return None, 0
+        prefixes, sources = [], [0] * len(prompts)
+        for rows in members.values():
+            first = prompts[rows[0]]
+            common = len(first) - 1  # the continuation feeds at least one token
+            for r in rows[1:]:
+                common = min(common, kept_prefix(prompts[r], first))
+            if common < 1:
+                return None, 0
+            for r in rows:
+                sources[r] = len(prefixes)
+            prefixes.append(list(first[:common]))
+        return self.fork_prefill(model, prefixes, sources), sum(len(p) for p in prefixes)
 
     @property
     def num_compilations(self) -> int:

@@ -2,6 +2,7 @@
 
     python -m benchmarks.rl_step --quick        # tiny_llm + tiny, 1 warm-up + 3 steps each
     python -m benchmarks.rl_step --config configs/tiny_llm.py --steps 6
+    python -m benchmarks.rl_step --config configs/tiny_llm.py --simulator_reuse on off
 
 Per config (`configs/tiny_llm.py`: policy + in-process LLM simulator; `configs/tiny.py`:
 rule user), the trainer runs `--warmup` steps, then `--steps` measured steps. Reported,
@@ -18,6 +19,10 @@ compiled; `averaged_steps` names them):
                            names of the compiled functions; the goal is 0 after warm-up
   sampler_programs         `compile/sampler_programs` after each step (flat = no new
                            sampler shapes)
+  simulator_reuse_frac     share of the simulator's prompt tokens served from its KV
+                           cache (`rollout/simulator_reused_tokens` over reused + prefilled);
+                           `--simulator_reuse on off` measures an LLM config with
+                           `simulator.reuse_cache` on and off (`config.simulator_reuse_cache`)
 
 There is no peer: no other stack runs this loop (RLVER's reference implementation is a
 multi-process Ray/vLLM job). `peer` fields are None.
@@ -81,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="steps before measuring")
     p.add_argument("--steps", type=int, default=4, help="measured steps")
     p.add_argument("--quick", action="store_true", help="1 warm-up step + 3 measured steps")
+    p.add_argument("--simulator_reuse", nargs="+", default=["on"], choices=("on", "off"),
+                   help="simulator.reuse_cache settings to measure LLM-simulator configs at")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--no_save", action="store_true")
     args = p.parse_args(argv)
@@ -105,7 +112,8 @@ def _mean(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def measure_config(path: str, warmup: int, steps: int, machine: dict) -> dict:
+def measure_config(path: str, warmup: int, steps: int, machine: dict,
+                   simulator_reuse: bool = True) -> dict:
     """Runs warm-up + measured trainer steps of one config; returns one record."""
     import jax
 
@@ -113,6 +121,7 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict) -> dict:
     from rlver_jax.trainer import Trainer
 
     config = _load_config(path)
+    config.simulator.reuse_cache = simulator_reuse
     config.total_steps = max(config.total_steps, warmup + steps)
     config.log.plots = False
     name = os.path.splitext(os.path.basename(path))[0]
@@ -151,6 +160,8 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict) -> dict:
     rollout = _mean(x["time/rollout_s"] for x in m)
     policy_s = _mean(x["time/policy_sampling_s"] for x in m)
     sim_s = _mean(x["time/simulator_s"] for x in m)
+    sim_prefill = _mean(x.get("rollout/simulator_prefill_tokens", 0.0) for x in m)
+    sim_reused = _mean(x.get("rollout/simulator_reused_tokens", 0.0) for x in m)
     time_split = {
         "step_s": step_s, "rollout_s": rollout, "policy_sampling_s": policy_s,
         "simulator_s": sim_s, "rollout_other_s": rollout - policy_s - sim_s,
@@ -166,19 +177,29 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict) -> dict:
                     else None, "batch_dialogues": c.rollout.batch_dialogues,
                     "group_size": c.rollout.group_size, "algorithm": c.rl.algorithm,
                     "max_turn_tokens": c.rollout.max_turn_tokens, "dtype": c.policy.dtype,
-                    "warmup_steps": warmup, "steps": steps}, machine)
+                    "warmup_steps": warmup, "steps": steps,
+                    "simulator_reuse_cache": bool(c.simulator.reuse_cache)}, machine)
     record.update(
         tokens_per_s=(policy_tokens + sim_tokens) / step_s,
         policy_tokens_per_s=policy_tokens / step_s,
         policy_tokens_per_step=policy_tokens, simulator_tokens_per_step=sim_tokens,
         turns_mean=_mean(x.get("turns/mean") for x in m), time_split=time_split,
+        simulator_prefill_tokens_per_step=sim_prefill,
+        simulator_reused_tokens_per_step=sim_reused,
+        simulator_reuse_frac=(sim_reused / (sim_prefill + sim_reused)
+                              if sim_prefill + sim_reused else None),
         averaged_steps=[s["step"] for s in steady],
         per_step=[{"step": s["step"], "wall_s": s["wall_s"], "compiles": s["compiles"],
                    "compile_s": s["compile_s"],
                    **{k: s["metrics"][k] for k in ("time/rollout_s", "time/policy_sampling_s",
                                                    "time/simulator_s", "time/logprobs_s",
                                                    "time/update_s", "tokens/policy",
-                                                   "tokens/simulator") if k in s["metrics"]}}
+                                                   "tokens/simulator",
+                                                   "rollout/simulator_prefill_tokens",
+                                                   "rollout/simulator_reused_tokens",
+                                                   "rollout/policy_prefill_tokens",
+                                                   "rollout/policy_reused_tokens")
+                      if k in s["metrics"]}}
                   for s in per_step],
         first_step_s=per_step[0]["wall_s"], build_s=build_s,
         compile_s=sum(s["compile_s"] for s in per_step[:warmup]),
@@ -199,14 +220,20 @@ def run(args: argparse.Namespace) -> list[dict]:
     machine = common.machine_info()
     records = []
     for path in args.config:
-        record = measure_config(path, args.warmup, args.steps, machine)
-        t = record["time_split"]
-        print(f"rl_step {record['config']['config']}: {record['tokens_per_s']:.1f} tok/s all, "
-              f"{record['policy_tokens_per_s']:.1f} policy tok/s, step {t['step_s']:.2f}s "
-              f"(policy {t['policy_sampling_s']:.2f}, simulator {t['simulator_s']:.2f}, "
-              f"log-probs {t['logprobs_s']:.2f}, update {t['update_s']:.2f}), compiles/step "
-              f"after warm-up {record['compiles_per_step_after_warmup']}", flush=True)
-        records.append(record)
+        llm = _load_config(path).simulator.kind == "llm"
+        for reuse in (args.simulator_reuse if llm else ["on"]):
+            record = measure_config(path, args.warmup, args.steps, machine, reuse == "on")
+            t = record["time_split"]
+            frac = record["simulator_reuse_frac"]
+            print(f"rl_step {record['config']['config']} (simulator cache reuse {reuse}): "
+                  f"{record['tokens_per_s']:.1f} tok/s all, "
+                  f"{record['policy_tokens_per_s']:.1f} policy tok/s, step {t['step_s']:.2f}s "
+                  f"(policy {t['policy_sampling_s']:.2f}, simulator {t['simulator_s']:.2f}, "
+                  f"log-probs {t['logprobs_s']:.2f}, update {t['update_s']:.2f}), "
+                  + (f"simulator prompt tokens reused {frac:.0%}, " if frac is not None else "")
+                  + f"compiles/step after warm-up {record['compiles_per_step_after_warmup']}",
+                  flush=True)
+            records.append(record)
     if not args.no_save:
         common.append_results("rl_step", records, args.results_dir)
     return records

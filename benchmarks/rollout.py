@@ -4,6 +4,8 @@
     python -m benchmarks.rollout                               # tiny and small-100m, full grids
     python -m benchmarks.rollout --preset qwen2.5-0.5b --sim_preset qwen2.5-0.5b \\
         --dtype bfloat16 --turns 1 2 4 8 16 --batch 1 8 32     # a GPU
+    python -m benchmarks.rollout --simulator_shape --preset qwen2.5-0.5b \\
+        --sim_preset qwen2.5-0.5b --dtype bfloat16 --turns_batch 8  # simulator KV reuse
 
 One rollout is `DialogueRollout.run` with the policy (no-think, or `--think`: one sample
 per turn, each turn's prompt dropping the previous thought) and an `LLMUser` whose model
@@ -28,6 +30,21 @@ Two sweeps: turns (`--turns`, at `--turns_batch` dialogues) and dialogues per ba
   growth                (turns sweep) least-squares slope of log time vs log turns, for the
                         wall time and for policy time, ours and the peer's: 1 is linear in
                         the number of turns, 2 quadratic
+
+`--simulator_shape` runs another sweep instead ("simulator"): the simulator's KV-cache
+reuse at a realistic shape (a static prompt head padded to `--sim_head_tokens`, analyzer
+`--sim_analyzer_tokens` / actor `--sim_actor_tokens` new tokens, `--turns_batch` dialogues
+in GRPO groups of `--group_size`, `--turns`, no prompt truncation), beside the same rollout
+with `SimulatorSampling.reuse_cache=False` (peer "noreuse"). Reported per turn count:
+
+  simulator_prefill_tokens   prompt tokens the simulator computed (`rollout/...`)
+  simulator_reused_tokens    prompt tokens served from its cache
+  unique_prompt_tokens       distinct prompt tokens of the rollout's simulator calls (the
+                             nodes of a prefix tree over every prompt: what a perfect prefix
+                             cache computes); `prefill_over_unique` = prefill / unique
+  simulator_s, peer_simulator_s, peer_simulator_prefill_tokens
+                             simulator time (analyzer + actor) and the peer's; `growth`:
+                             log-log slope of simulator time vs turns, ours and the peer's
 
 Plots: `results/rollout_turns.png` (time vs turns, log-log, split by component, with the
 peer) and `results/rollout_batch.png` (dialogues/s and tokens/s vs batch).
@@ -74,6 +91,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiny only; turns 1/2/4/8 at 4 dialogues; batch 1/4/16 at 2 turns "
                         "(peer in the turns sweep only); 16-token replies, simulator prompts "
                         "capped at 256 tokens; one repeat")
+    p.add_argument("--simulator_shape", action="store_true",
+                   help="the simulator KV-reuse sweep (see the module doc) instead of the "
+                        "turns and batch sweeps")
+    p.add_argument("--sim_head_tokens", type=int, default=1500,
+                   help="--simulator_shape: static prompt head (the persona padded to it)")
+    p.add_argument("--sim_analyzer_tokens", type=int, default=384)
+    p.add_argument("--sim_actor_tokens", type=int, default=256)
+    p.add_argument("--group_size", type=int, default=4, help="--simulator_shape: GRPO group")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--no_save", action="store_true")
     p.add_argument("--no_plots", action="store_true")
@@ -83,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.turns, args.turns_batch, args.batch, args.batch_turns = [1, 2, 4, 8], 4, [1, 4, 16], 2
         args.turn_tokens, args.sim_tokens, args.sim_prompt_tokens = 16, 16, 256
         args.repeats, args.peer_batch_sweep = 1, False
+    if args.simulator_shape:
+        args.sim_prompt_tokens = max(args.sim_prompt_tokens, 8192)  # nothing truncated
     return args
 
 
@@ -135,7 +162,8 @@ class Setup:
         self.profiles = load_profiles(SHIPPED["en_train"])
         self.preset, self.sim_preset, self.config = preset, sim_name, config
 
-    def rollout(self, turns: int, turn_tokens: int, continuation: bool, think: bool = False):
+    def rollout(self, turns: int, turn_tokens: int, continuation: bool, think: bool = False,
+                sim_sampling=None, group_size: int = 1):
         from rlver_jax.env import simulator as sim
         from rlver_jax.env.rollout import DialogueRollout, RolloutSettings
 
@@ -144,10 +172,10 @@ class Setup:
             "preset": "hard", "max_turns": turns, "end_below": None, "end_at_or_above": None,
             "goodbye_levels": (), "parse_retries": 0})
         user = self.user_cls(cfg, self.simulator, self.tokenizer, self.sim_sampler,
-                             self.sim_sampling)
+                             sim_sampling or self.sim_sampling)
         sampler = self.policy_sampler if continuation else _NoContinuation(self.policy_sampler)
         settings = RolloutSettings(max_turn_tokens=turn_tokens, max_dialogue_tokens=1 << 20,
-                                   think=think)
+                                   think=think, group_size=group_size)
         return DialogueRollout(self.tokenizer, user, cfg, settings, sampler), user
 
 
@@ -186,6 +214,145 @@ def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int
         "dialogue_tokens_mean": sum(len(s.tokens) for s in result.samples) / len(result.samples),
         "wall_s_all": [r[0] for r in runs],
     }
+
+
+class _PromptTrie:
+    """A prefix tree of token sequences; `size` = distinct (prefix-unique) tokens added."""
+
+    def __init__(self):
+        self.root: dict = {}
+        self.size = 0
+
+    def add(self, tokens) -> None:
+        node = self.root
+        for t in tokens:
+            child = node.get(t)
+            if child is None:
+                child = node[t] = {}
+                self.size += 1
+            node = child
+
+
+class _PromptRecorder:
+    """The simulator's sampler, adding every prompt it is given to a prefix tree."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.multiprocess = False
+        self.trie = _PromptTrie()
+
+    def generate(self, model, prompts, *args, **kwargs):
+        for p in prompts:
+            if p is not None:
+                self.trie.add(p)
+        return self.sampler.generate(model, prompts, *args, **kwargs)
+
+    def fork_groups(self, *args, **kwargs):
+        return self.sampler.fork_groups(*args, **kwargs)
+
+
+def padded_profiles(setup: Setup, count: int, head_tokens: int) -> list:
+    """`count` profiles whose analyzer system prompt (the static head) is padded, through
+    the persona, to at least `head_tokens` tokens."""
+    import dataclasses
+
+    from rlver_jax.env import simulator as sim
+
+    cfg = sim.settings_from_config({"preset": "hard"})
+    filler = (" They keep a diary, walk to work along the river, cook for friends on "
+              "Sundays and find it hard to ask anyone for help.")
+    out = []
+    for profile in _profiles(setup, count):
+        while True:
+            head = sim.render_analyzer_prompt(profile, [], "hi", 30, cfg)[:1]
+            n = len(setup.tokenizer.apply_chat_template(head, add_generation_prompt=False))
+            if n >= head_tokens:
+                break
+            profile = dataclasses.replace(profile, player=profile.player + filler)
+        out.append(profile)
+    return out
+
+
+def measure_simulator(setup: Setup, args, turns: int, reuse: bool) -> dict[str, Any]:
+    """One warm-up and `repeats` warm rollouts (median) at the simulator shape; the prompt
+    tokens the simulator computed and reused, and the distinct prompt tokens."""
+    import dataclasses
+
+    sampling = dataclasses.replace(
+        setup.sim_sampling, max_analyzer_tokens=args.sim_analyzer_tokens,
+        max_actor_tokens=args.sim_actor_tokens, max_prompt_tokens=args.sim_prompt_tokens,
+        reuse_cache=reuse)
+    recorder = _PromptRecorder(setup.sim_sampler)
+    inner, setup.sim_sampler = setup.sim_sampler, recorder
+    try:
+        rollout, _ = setup.rollout(turns, args.turn_tokens, True, args.think, sampling,
+                                   args.group_size)
+    finally:
+        setup.sim_sampler = inner
+    groups = max(args.turns_batch // args.group_size, 1)
+    profiles = padded_profiles(setup, groups, args.sim_head_tokens)
+    t0 = time.perf_counter()
+    rollout.run(setup.policy, profiles, seed=0)
+    first = time.perf_counter() - t0
+    runs = []
+    for _ in range(args.repeats):
+        recorder.trie = _PromptTrie()
+        t0 = time.perf_counter()
+        result = rollout.run(setup.policy, profiles, seed=0)
+        runs.append((time.perf_counter() - t0, result, recorder.trie.size))
+    wall, result, unique = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+    m = result.metrics
+    return {
+        "wall_s": wall, "first_s": first, "compile_s": max(first - wall, 0.0),
+        "simulator_s": result.timing["analyzer_s"] + result.timing["actor_s"],
+        "policy_s": result.timing["policy_s"],
+        "simulator_prefill_tokens": m["rollout/simulator_prefill_tokens"],
+        "simulator_reused_tokens": m["rollout/simulator_reused_tokens"],
+        "simulator_tokens": m["rollout/simulator_tokens"],
+        "policy_prefill_tokens": m["rollout/policy_prefill_tokens"],
+        "policy_reused_tokens": m["rollout/policy_reused_tokens"],
+        "unique_prompt_tokens": unique,
+        "prefill_over_unique": m["rollout/simulator_prefill_tokens"] / max(unique, 1),
+        "dialogues": len(result.dialogues), "wall_s_all": [r[0] for r in runs],
+    }
+
+
+def run_simulator_sweep(setup: Setup, args, machine) -> list[dict]:
+    records = []
+    for turns in sorted(args.turns):
+        ours = measure_simulator(setup, args, turns, True)
+        peer = measure_simulator(setup, args, turns, False)
+        config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
+                  "sweep": "simulator", "turns": turns, "batch": ours["dialogues"],
+                  "group_size": args.group_size, "turn_tokens": args.turn_tokens,
+                  "sim_head_tokens": args.sim_head_tokens,
+                  "sim_analyzer_tokens": args.sim_analyzer_tokens,
+                  "sim_actor_tokens": args.sim_actor_tokens, "think": args.think}
+        record = common.base_record("rollout", config, machine)
+        record.update(ours)
+        record.update(peer="noreuse", peer_wall_s=peer["wall_s"],
+                      peer_simulator_s=peer["simulator_s"],
+                      peer_simulator_prefill_tokens=peer["simulator_prefill_tokens"],
+                      peer_compile_s=peer["compile_s"],
+                      ratio=peer["simulator_s"] / max(ours["simulator_s"], 1e-9))
+        record["peak_rss_bytes"] = common.peak_rss_bytes()
+        record["device_memory_bytes"] = common.device_memory_bytes()
+        print(f"rollout {setup.preset} simulator T={turns} B={ours['dialogues']}: simulator "
+              f"{ours['simulator_s']:.2f}s (no reuse {peer['simulator_s']:.2f}s), prefill "
+              f"{ours['simulator_prefill_tokens']:.0f} tokens (no reuse "
+              f"{peer['simulator_prefill_tokens']:.0f}), unique "
+              f"{ours['unique_prompt_tokens']}, prefill/unique "
+              f"{ours['prefill_over_unique']:.2f}", flush=True)
+        records.append(record)
+    turns_list = [r["config"]["turns"] for r in records]
+    growth = {"simulator": growth_exponent(turns_list, [r["simulator_s"] for r in records]),
+              "peer_simulator": growth_exponent(turns_list,
+                                                [r["peer_simulator_s"] for r in records])}
+    for r in records:
+        r["growth"] = growth
+    print(f"rollout {setup.preset} simulator: growth exponent (time ~ turns^k): " + ", ".join(
+        f"{k} {v:.2f}" for k, v in growth.items() if v is not None), flush=True)
+    return records
 
 
 def growth_exponent(xs: list[float], ys: list[float]) -> float | None:
@@ -248,6 +415,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     records: list[dict] = []
     for preset in args.preset:
         setup = Setup(preset, args)
+        if args.simulator_shape:
+            records += run_simulator_sweep(setup, args, machine)
+            continue
         with_peer = args.peer == "reprefill"
         sweep = []
         for turns in sorted(args.turns):
@@ -297,7 +467,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if not args.no_save:
         path = common.append_results("rollout", records, args.results_dir)
         print(f"results appended to {path}")
-    if not args.no_plots:
+    if not args.no_plots and not args.simulator_shape:
         for path in plot(records, args.results_dir or common.RESULTS_DIR):
             print(f"plot written: {path}")
     return records

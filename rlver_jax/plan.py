@@ -106,6 +106,9 @@ class PlanSettings:
     simulator_dtype: str = "bfloat16"
     simulator_prompt_tokens: int | None = None  # None: seq_len - turn_tokens
     simulator_new_tokens: int | None = None     # None: turn_tokens
+    # Kept per dialogue across turns: two caches (analyzer, actor), each up to twice a
+    # fresh prefill's capacity (the sampler compacts past that).
+    simulator_reuse_cache: bool = True
     critic: bool = False
     reference: bool = False
     mesh_shape: tuple[int, int, int] = (1, -1, 1)
@@ -166,6 +169,7 @@ def settings_from_config(cfg) -> PlanSettings:
         simulator_prompt_tokens=_get(cfg, "simulator.max_prompt_tokens"),
         simulator_new_tokens=max(int(_get(cfg, "simulator.max_analyzer_tokens", 0) or 0),
                                  int(_get(cfg, "simulator.max_actor_tokens", 0) or 0)) or turn,
+        simulator_reuse_cache=bool(_get(cfg, "simulator.reuse_cache", True)),
         critic=bool(critic),
         reference=bool(_get(cfg, "reference.enabled", False)) or kl > 0,
         mesh_shape=tuple(int(s) for s in _get(cfg, "mesh.shape", (1, -1, 1))),
@@ -350,12 +354,16 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
     sampler_scratch = policy["sampler"]["temp"]
     if s.simulator_preset:
         sim_cfg = _model_config(s.simulator_preset, s.simulator_dtype, None, "none")
-        sim = plan_sampler(sim_cfg, mesh, sampling_rules, sampling_batch,
-                           s.simulator_prompt_tokens or max(s.seq_len - s.turn_tokens, 1),
-                           s.simulator_new_tokens or s.turn_tokens)
+        sim_prompt = s.simulator_prompt_tokens or max(s.seq_len - s.turn_tokens, 1)
+        sim_new = s.simulator_new_tokens or s.turn_tokens
+        fresh = next_power_of_two(next_power_of_two(sim_prompt, 16) + next_power_of_two(sim_new))
+        streams = 2 if s.simulator_reuse_cache else 1
+        sim = plan_sampler(sim_cfg, mesh, sampling_rules, sampling_batch, sim_prompt, sim_new,
+                           capacity=2 * fresh if s.simulator_reuse_cache else None)
+        sim["kv_cache_streams"] = streams
         out["simulator"] = sim
         resident += sim["params"]
-        rollout += sim["kv_cache"]
+        rollout += streams * sim["kv_cache"]
         sampler_scratch = max(sampler_scratch, sim["temp"])
     out["resident_bytes_per_device"] = resident
     out["update_peak_bytes_per_device"] = resident + update_scratch
@@ -399,7 +407,9 @@ def format_table(result: Mapping[str, Any]) -> str:
     if "simulator" in result:
         sim = result["simulator"]
         row("simulator params (sampling)", sim["params"])
-        row("simulator KV cache", sim["kv_cache"])
+        streams = sim.get("kv_cache_streams", 1)
+        row(f"simulator KV cache x{streams}" + (" (analyzer, actor)" if streams == 2 else ""),
+            streams * sim["kv_cache"])
         row("simulator prefill scratch (temp)", sim["prefill_temp"])
         row("simulator decode scratch (temp)", sim["decode_temp"])
     lines.append("-" * 60)

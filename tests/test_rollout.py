@@ -692,6 +692,96 @@ def test_llm_user_never_sees_thoughts(models, tok, profiles):
             assert "keep on thinking" in body
 
 
+def _long_think_script(unclosed: dict[tuple[int, int], bool]):
+    """Like `_think_script`, with visible replies long enough for a transcript to outgrow
+    a tight simulator prompt cap within a few turns."""
+    short = _think_script(unclosed)
+
+    def script(row: int, prompt: str, call: int) -> str:
+        text = short(row, prompt, call)
+        filler = f" I hear you, row {row} call {call}, tell me more about it" * 4
+        return text.replace(IM_END, filler + IM_END)
+    return script
+
+
+def _simulator_run(models, tok, profiles, *, reuse: bool, max_prompt_tokens: int,
+                   max_turns: int = 2):
+    """A greedy tiny simulator behind a scripted think-mode policy: GRPO groups of 2, one
+    dialogue ending early (an unclosed thought, zero reward), every analyzer and most actor
+    outputs retried once (a random model rarely parses)."""
+    _, simulator, inner, _ = models
+    cfg = sim.settings_from_config({"preset": "hard", "max_turns": max_turns,
+                                    "parse_retries": 1})
+    sampling = SimulatorSampling(temperature=0.0, max_analyzer_tokens=8, max_actor_tokens=7,
+                                 max_prompt_tokens=max_prompt_tokens, reuse_cache=reuse)
+    user = LLMUser(cfg, simulator, tok, inner, sampling)
+    policy = ScriptedSampler(tok, _long_think_script({(1, 1): True}))
+    settings = RolloutSettings(think=True, group_size=2, max_turn_tokens=96,
+                               unclosed_think="zero_reward")
+    return DialogueRollout(tok, user, cfg, settings, policy).run(None, profiles, seed=3)
+
+
+def test_simulator_cache_reuse_changes_no_greedy_output(models, tok, profiles):
+    """With the simulator at temperature 0, keeping its KV cache per dialogue (continuation,
+    retries rolled back to their prompt, the group's head forked, the oldest turn dropped at
+    the prompt cap) gives the same analyzer texts, user replies and emotions as
+    re-prefilling every prompt, dialogue by dialogue, while the other dialogue has ended.
+    The cap (1400 tokens) truncates one analyzer prompt of the second turn."""
+    runs = {reuse: _simulator_run(models, tok, profiles[:1], reuse=reuse,
+                                  max_prompt_tokens=1400) for reuse in (True, False)}
+    on, off = runs[True], runs[False]
+    assert [(st.turns, st.done_reason) for st in on.dialogues] == [(2, "turn_limit"),
+                                                                   (1, "format")]
+    for a, b in zip(on.dialogues, off.dialogues):
+        assert a.dialogue_id == b.dialogue_id
+        assert [r.analyzer_text for r in a.records] == [r.analyzer_text for r in b.records]
+        assert [r.user_reply for r in a.records] == [r.user_reply for r in b.records]
+        assert [r.emotion_after for r in a.records] == [r.emotion_after for r in b.records]
+        assert a.history == b.history
+    m_on, m_off = on.metrics, off.metrics
+    assert m_on["rollout/parse_failures"] == m_off["rollout/parse_failures"] > 0  # retried
+    assert m_on["rollout/simulator_truncations"] == m_off["rollout/simulator_truncations"] == 1
+    # Same prompts either way: the reused tokens are the ones not prefilled again.
+    total = m_off["rollout/simulator_prefill_tokens"]
+    assert m_off["rollout/simulator_reused_tokens"] == 0
+    assert (m_on["rollout/simulator_prefill_tokens"] + m_on["rollout/simulator_reused_tokens"]
+            == total)
+    assert m_on["rollout/simulator_reused_tokens"] >= 0.6 * total
+    assert m_on["rollout/simulator_tokens"] == m_off["rollout/simulator_tokens"] > 0
+
+
+def test_llm_user_truncation_drops_whole_oldest_turns(tok, profiles):
+    """Over `max_prompt_tokens` the oldest user / policy turns go, whole, until the prompt
+    is at most TRUNCATE_TO_FRACTION of the cap; the static head stays; the next turn keeps
+    what was dropped (its prompt extends the shortened one) and counts no new truncation."""
+    from rlver_jax.env import users
+
+    cfg = sim.settings_from_config({"preset": "hard"})
+    history = [("user" if k % 2 == 0 else "assistant", f"message number {k} " * 12)
+               for k in range(9)]
+
+    def render(drop):
+        if drop > len(history) - 1:
+            return None
+        return sim.render_analyzer_prompt(profiles[0], history[drop:], "newest", 30, cfg)
+
+    ids_of = lambda drop: tok.apply_chat_template(render(drop), add_generation_prompt=True)
+    cap = len(ids_of(0)) - 1
+    user = LLMUser(cfg, None, tok, None, SimulatorSampling(max_prompt_tokens=cap))
+    stream = users._Stream()
+    ids = user._prompt(stream, "d", render)
+    drop = stream.dropped["d"]
+    assert drop > 0 and drop % users.MESSAGES_PER_TURN == 0
+    assert ids == ids_of(drop) and len(ids) <= users.TRUNCATE_TO_FRACTION * cap
+    assert len(ids_of(drop - 2)) > users.TRUNCATE_TO_FRACTION * cap  # no more than needed
+    assert render(drop)[0] == render(0)[0]  # the static head
+    assert user.stats["simulator_truncations"] == 1
+    history += [("assistant", "a short reply"), ("user", "a short answer")]
+    longer = user._prompt(stream, "d", render)
+    assert stream.dropped["d"] == drop and user.stats["simulator_truncations"] == 1
+    assert longer == ids_of(drop)
+
+
 # ============================================================ emotion state machine
 def _mood_script(row: int, prompt: str, call: int) -> str:
     """A mix of warm, need-flavoured, plain and garbled replies: emotions go both ways."""

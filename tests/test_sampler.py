@@ -308,6 +308,36 @@ def test_rollback_continuation_equals_fresh_call(models):
         sampler.generate(model, unrelated, 8, keep_state=True).state.cache.index)
 
 
+def test_group_fork_equals_per_row_prefill(models):
+    """GRPO groups: one prefill of each group's common prefix, copied into the group's
+    rows (`fork_groups`), then a continuation, samples what a per-row prefill samples; the
+    prefill counts say what was computed and what was served from the cache."""
+    path, _, config, model, sampler = models["gqa2-untied"]
+    rng = np.random.default_rng(7)
+    heads = random_prompts(rng, config.vocab_size, [15, 11])
+    tails = random_prompts(rng, config.vocab_size, [3, 5, 1, 4, 2])
+    groups = [0, 0, 0, 1, 1]
+    prompts = [heads[g] + t for g, t in zip(groups, tails)]
+    state, forked = sampler.fork_groups(model, prompts, groups)
+    assert forked == 15 + 11  # each head once (the common prefix, short of the last token)
+    assert state.cached_tokens[:5] == [heads[g] for g in groups]
+    cont = sampler.generate(model, prompts, 6, previous=state, keep_state=True)
+    fresh = sampler.generate(model, prompts, 6, keep_state=True)
+    assert cont.tokens == fresh.tokens
+    np.testing.assert_allclose(np.concatenate(cont.raw_logprobs),
+                               np.concatenate(fresh.raw_logprobs), atol=1e-5)
+    assert (cont.prefill_tokens, cont.reused_tokens) == (sum(map(len, tails)), 3 * 15 + 2 * 11)
+    assert (fresh.prefill_tokens, fresh.reused_tokens) == (sum(map(len, prompts)), 0)
+    # The forked state continues like any other: the next turn extends every row.
+    nxt = [p + t + [5, 6] for p, t in zip(prompts, cont.tokens)]
+    a = sampler.generate(model, nxt, 4, previous=cont.state)
+    assert a.tokens == sampler.generate(model, nxt, 4).tokens and a.prefill_tokens < 5 * 4
+    # Nothing to share: no state.
+    assert sampler.fork_groups(model, prompts, [0, 1, 2, 3, 4]) == (None, 0)
+    with pytest.raises(ValueError, match="source 2 outside 0..1"):
+        sampler.fork_prefill(model, heads, [0, 2])
+
+
 # --------------------------------------------------------------------- sharding, dtypes
 def test_sharded_greedy_equals_single_device(models):
     from rlver_jax.sharding import make_mesh

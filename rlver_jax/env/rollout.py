@@ -281,9 +281,12 @@ class DialogueRollout:
                 previous=previous, keep_state=True)
             timing["policy_s"] += time.perf_counter() - t0
             previous = out.state
-            computed = forked + getattr(out, "prefill_tokens", 0)
+            prompt_tokens = sum(len(prompts[i]) for i in live)
+            # A sampler that does not count (a test double) computed every prompt token.
+            prefilled = getattr(out, "prefill_tokens", None)
+            computed = prompt_tokens if prefilled is None else forked + prefilled
             stats["policy_prefill_tokens"] += computed
-            stats["policy_reused_tokens"] += sum(len(prompts[i]) for i in live) - computed
+            stats["policy_reused_tokens"] += prompt_tokens - computed
             replies = {}
             for i in live:
                 st = states[i]

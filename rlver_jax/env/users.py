@@ -190,9 +190,11 @@ class LLMUser:
             stream.state = out.state
             tokens = [out.tokens[stream.rows[k]] for k in keys]
         # Reused: prompt tokens not computed (a group's shared head is computed once).
-        computed = forked + out.prefill_tokens
+        prompt_tokens = sum(len(p) for p in prompts)
+        computed = (prompt_tokens if out.prefill_tokens is None
+                    else forked + out.prefill_tokens)
         self.stats["simulator_prefill_tokens"] += computed
-        self.stats["simulator_reused_tokens"] += sum(len(p) for p in prompts) - computed
+        self.stats["simulator_reused_tokens"] += prompt_tokens - computed
         self.stats["simulator_tokens"] += sum(len(t) for t in tokens)
         self.stats["simulator_calls"] += 1
         return [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

@@ -76,9 +76,9 @@ class SampleOutput:
     stopped: list[bool]
     state: SamplerState | None = None
     # Prompt tokens of this process's rows that the call computed (prefilled) and that it
-    # served from the previous state's cache.
-    prefill_tokens: int = 0
-    reused_tokens: int = 0
+    # served from the previous state's cache (None: not counted, e.g. a test double).
+    prefill_tokens: int | None = None
+    reused_tokens: int | None = None
 
 
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,

@@ -228,7 +228,13 @@ def test_llm_simulator_smoke(hf_dir, tmp_path):
     # Random weights almost never write a parsable analysis; each miss is counted.
     assert sim["analyzer_fallbacks"] == sum(not t["parse_ok"] for d in dialogues
                                             for t in d["dialogue"] if "parse_ok" in t)
-    assert report["timing"]["simulator_tokens"] > 0
+    timing = report["timing"]
+    assert timing["simulator_tokens"] > 0
+    # The rollout's KV accounting: every simulator prompt is over the 512-token cap, so
+    # each one was cut (truncations), and the policy continued its cache after turn 1.
+    assert timing["simulator_prefill_tokens"] > 0 and timing["simulator_reused_tokens"] >= 0
+    assert timing["simulator_truncations"] > 0
+    assert timing["policy_prefill_tokens"] > 0 and timing["policy_reused_tokens"] > 0
     assert report["settings"]["simulator"]["max_turns"] == 2
     assert report["n"] == 2 and all(d["turns"] <= 2 for d in dialogues)
     assert "TOY" not in stdout

@@ -229,6 +229,7 @@ class DialogueRollout:
         if len(by_id) != len(states):
             raise ValueError("dialogue ids must be unique")
 
+        user_counts = dict(getattr(self.user, "stats", {}))  # this run's share: the change
         # Openings: one per profile, shared by its group (GRPO compares like with like).
         t0 = time.perf_counter()
         heads = states[::s.group_size]
@@ -248,7 +249,6 @@ class DialogueRollout:
         stats = {"parse_failures": 0, "analyzer_fallbacks": 0, "actor_fallbacks": 0,
                  "format_violations": 0, "length_stops": 0, "policy_prefill_tokens": 0,
                  "policy_reused_tokens": 0}
-        user_counts = dict(getattr(self.user, "stats", {}))
         while True:
             live = [i for i, st in enumerate(states) if not st.done]
             if not self._any(live):

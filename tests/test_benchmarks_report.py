@@ -179,3 +179,26 @@ def test_attention_problem_masks_follow_the_slot_rule():
                 assert prob["allowed"][b, t, s] == (s >= pad and s <= t)
     real = attention.real_queries(prob["pads"], 8)
     assert real.sum(axis=1).tolist() == [8, 6, 4]
+
+
+def test_tunix_worker_protocol_times_one_call_per_request(tmp_path):
+    """The out-of-process peer is driven one call at a time (so it can be interleaved);
+    a fake worker stands in for Tunix's, which needs its own venv."""
+    import sys
+
+    from benchmarks.peers import tunix_sampler
+
+    calls = tmp_path / "calls.txt"
+    code = ("import json, sys; from benchmarks.peers import tunix_sampler as t; "
+            "print('noise from a library'); "
+            "print('RESULT ' + json.dumps({'version': 'x', 'results': [1, 2]}), flush=True); "
+            f"log = open({str(calls)!r}, 'a'); "
+            "t.serve([lambda: log.write('0\\n'), lambda: log.write('1\\n')], sys.stdin, "
+            "sys.stdout)")
+    worker = tunix_sampler.PeerWorker([sys.executable, "-c", code], str(tmp_path / "log"))
+    assert worker.header == {"version": "x", "results": [1, 2]}
+    assert worker.run(1) >= 0.0 and worker.run(0) >= 0.0 and worker.run(1) >= 0.0
+    with pytest.raises(RuntimeError, match="unknown command 'run 7'"):
+        worker.run(7)
+    assert worker.close() == 0
+    assert calls.read_text().split() == ["1", "0", "1"]

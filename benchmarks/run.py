@@ -1,6 +1,7 @@
 """Runs a benchmark suite, measures the machine's roofline, and regenerates the README tables.
 
     python -m benchmarks.run --suite quick          # `make bench`: about 10 min on 2 cores
+    python -m benchmarks.run --suite targets        # the configurations the targets name
     python -m benchmarks.run --suite full           # the full grids (hours on a CPU)
     python -m benchmarks.run --suite quick --only train_step rl_step --out scratch_results
 
@@ -38,6 +39,16 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "train_step": ["--quick"],
         "rl_step": ["--quick"],
         "peers.tunix_sampler": ["--quick"],
+    },
+    # Exactly the configurations "where we stand" judges beyond the quick ones (issue #13's
+    # targets at full size), in one run so that one start load covers them all.
+    "targets": {
+        "attention": ["--length", "1024", "2048", "4096", "8192"],
+        "forward": ["--batch", "1", "--length", "2048"],
+        "sampling": ["--batch", "1", "8", "--prompt_len", "128", "512", "--new_tokens", "32"],
+        "train_step": ["--preset", "small-100m", "--batch", "2", "--length", "512", "2048"],
+        "peers.tunix_sampler": ["--batch", "8", "--prompt_len", "128", "512",
+                                "--new_tokens", "32"],
     },
     "full": {
         "attention": ["--backward"],

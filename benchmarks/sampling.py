@@ -140,13 +140,6 @@ def _ours_calls(sampler, model, prompts, new_tokens):
     return first, generate, prefill
 
 
-def _time_ours(sampler, model, prompts, new_tokens, repeats):
-    """(first call s, median warm generate s, median warm prefill s) of our sampler alone."""
-    first, generate, prefill = _ours_calls(sampler, model, prompts, new_tokens)
-    total = common.median_time(generate, repeats)
-    return first, total, common.median_time(prefill, max(repeats, 3))
-
-
 def _peer_calls(peer, prompts, new_tokens):
     """(warm generate fn, warm prefill fn) of transformers' greedy generate."""
     import torch

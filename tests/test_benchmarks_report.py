@@ -202,3 +202,25 @@ def test_tunix_worker_protocol_times_one_call_per_request(tmp_path):
         worker.run(7)
     assert worker.close() == 0
     assert calls.read_text().split() == ["1", "0", "1"]
+
+
+def test_attention_benchmark_end_to_end_at_a_tiny_size():
+    """Every implementation this checkout offers either runs (matching the reference einsum
+    and torch on the real queries) or is recorded as skipped with its reason."""
+    argv = ["--batch", "2", "--length", "16", "--heads", "4/2", "--head_dim", "8",
+            "--no_save"]
+    records = attention.run(attention.parse_args(argv))
+    ok = [r for r in records if r["status"] == "ok"]
+    assert ok, [r["reason"] for r in records]
+    for r in records:
+        assert r["benchmark"] == "attention" and r["config"]["group"] == 2
+        assert r["status"] == "ok" or r["reason"]
+    for r in ok:
+        assert r["max_abs_err"] < 1e-5 and r["peer_max_abs_err"] < 1e-5
+        assert r["timing"]["ours"]["n"] == r["timing"]["peer"]["n"] == 3
+        assert len(r["ratio_per_round"]) == 3 and r["temp_bytes"] > 0
+    # A program over the XLA temporaries budget is skipped, not run.
+    skipped = attention.run(attention.parse_args(argv + ["--max_temp_bytes", "1",
+                                                         "--peer", "none"]))
+    assert all(r["status"] == "skipped" and r["reason"] for r in skipped)
+    assert any("XLA temporaries" in r["reason"] for r in skipped)

@@ -81,8 +81,8 @@ class _IdTokenizer:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Times Tunix's greedy sampler on every prompt set in --prompts_file; prints JSON."""
-    import statistics
+    """Warms up Tunix's greedy sampler on every prompt set in --prompts_file (one JSON line:
+    compile times, tokens), then serves timed calls (`serve`)."""
     import time
     from importlib import metadata
 

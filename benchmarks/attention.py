@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import statistics
 import time
 from typing import Any, Callable
@@ -126,12 +127,18 @@ def our_implementations(wanted: list[str] | None) -> tuple[dict[str, Callable], 
         attention = None
     if attention is not None:
         names = list(wanted or attention.IMPLEMENTATIONS)
+        # The queries sit at slots 0 .. T-1: where the entry point takes that as a static
+        # `causal_offset` (splash needs it; blockwise can skip blocks statically), say so.
+        static = ({"causal_offset": 0} if "causal_offset" in
+                  inspect.signature(attention.dot_product_attention).parameters else {})
 
         def make(name):
             return lambda q, k, v, key_valid, query_slots, allowed: \
                 attention.dot_product_attention(q, k, v, key_valid=key_valid,
-                                                query_slots=query_slots, implementation=name)
-        return {name: make(name) for name in names}, "rlver_jax.models.attention"
+                                                query_slots=query_slots, implementation=name,
+                                                **static)
+        source = "rlver_jax.models.attention" + (" (causal_offset=0)" if static else "")
+        return {name: make(name) for name in names}, source
 
     import jax
 

@@ -11,7 +11,8 @@ lengths. Key slot s is visible to query t iff `key_valid[b, s]` and `s <= t`.
 
 Ours: every implementation of `rlver_jax.models.attention.dot_product_attention` (the
 module's `IMPLEMENTATIONS`, or `--implementation`), each called with `key_valid` and
-`query_slots` and jitted. One that fails to compile or run on this backend, or whose
+`query_slots` (and `causal_offset=0` where the entry point takes it) and jitted. One that
+fails to compile or run on this backend, or whose
 compiled program needs more than `--max_temp_bytes` of XLA temporaries, is recorded as
 skipped with the reason. Until that module exists the script measures what the model uses
 today: `rlver_jax.models.qwen2.attention` (the einsum over a prebuilt [B, T, S] mask,

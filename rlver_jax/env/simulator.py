@@ -705,7 +705,7 @@ def _analysis_text(analysis: AnalyzerResult | str | None, lang: str) -> str:
     parts = []
     for name, start, end in found:
         value = _clean_value(raw[start:end])
-        if name != "delta" and value:
+        if name != "delta" and name not in _LABEL_ONLY_FIELDS and value:
             parts.append(f"{titles[name]}: {value}")
     return "\n".join(parts)
 
@@ -806,8 +806,17 @@ _ANALYZER_ALIASES: dict[str, tuple[str, ...]] = {
     "feeling": ("feelings", "feeling", "情绪感受", "感受", "感觉"),
     "delta": ("emotion change", "emotional change", "change in emotion", "emotion delta",
               "mood change", "emotion score change", "score change", "delta", "change",
-              "情绪变化值", "情绪值变化", "情绪分变化", "情绪变化", "情绪变动", "情绪值", "变化值", "变化"),
+              "情绪变化值", "情绪值变化", "情绪分变化", "情绪变化", "情绪变动", "变化值", "变化"),
+    # Words for the CURRENT value (the Chinese prompt's own 情绪值 among them): recognised as
+    # labels only so that such a line ends the change field and is never read as a change.
+    "current": ("current emotion value", "current emotion score", "current emotion",
+                "new emotion value", "new emotion score", "new emotion", "emotion value",
+                "emotion score", "emotion now", "current score", "current value", "emotion",
+                "当前情绪值", "当前情绪分", "当前情绪", "现在的情绪值", "目前情绪值", "最新情绪值",
+                "情绪值", "情绪分", "当前分数", "当前分值"),
 }
+# Fields that are labels only: not part of AnalyzerResult.fields, never shown to the actor.
+_LABEL_ONLY_FIELDS = ("current",)
 _ACTOR_ALIASES: dict[str, tuple[str, ...]] = {
     "thinking": ("thinking", "thoughts", "thought", "内心思考", "思考", "想法"),
     "draft": ("first draft", "draft reply", "draft", "回复草稿", "初稿", "草稿"),
@@ -850,6 +859,22 @@ _NORMALIZE_TABLE.update({
     0x0D: " ",  # a \r before \n would hide the end of a line from `$`
 })
 _SIGNED_RE = re.compile(r"(?<![A-Za-z0-9_.+\-])([+\-])(\d+(?:\.\d+)?)")
+# Two emotion VALUES joined by an arrow, "from A to B", 由A到B / 从A降到B: the change is
+# B - A. Endpoints are unsigned (emotions are 0..100); a signed start is a change, not a value.
+_NUM = r"(?<![A-Za-z0-9_.+\-])(\d+(?:\.\d+)?)(?:\s*(?:分|points?|pts?))?"
+_ARROW = r"(?:-+>|=+>|~+>|[\u2192\u27f6\u2794\u279c\u279d\u279e\u21d2\u27a1\u2b62\u21fe])"
+_TRANSITION_RE = re.compile(
+    rf"(?:(?:from|由|从)\s*)?{_NUM}\s*(?:{_ARROW}|[^\d\n+\-]{{0,12}}?(?:\bto\b|到|至|{_ARROW}))"
+    rf"\s*{_NUM}",
+    re.IGNORECASE,
+)
+# An unsigned number right after one of these is a value ("went up to 35", "降到25",
+# "now at 40"), never a change.
+_VALUE_CUE_RE = re.compile(
+    r"(?:\bto|\bat|\bnow|\breach(?:ed|es)?|\bbecomes?|\bbecame|\bcurrent(?:ly)?|"
+    r"到|至|为|成|达到|当前|现在|目前)\s*(?:了\s*)?$",
+    re.IGNORECASE,
+)
 _UNSIGNED_RE = re.compile(r"(?<![A-Za-z0-9_.])(\d+(?:\.\d+)?)")
 _NEGATIVE_WORDS = ("decrease", "decreased", "drop", "dropped", "down", "lower", "minus", "fall",
                    "fell", "negative", "下降", "降低", "减少", "下跌", "减", "降", "负")
@@ -924,16 +949,29 @@ def _to_int(number: str) -> int:
 
 
 def _extract_delta(value: str) -> int | None:
-    """A signed integer from a field value: "+5", "-10", "[+3]", "5分", "减少5", "no change"."""
+    """A signed integer from a field value: "+5", "-10", "[+3]", "5分", "减少5", "no change",
+    "30 -> 35", "from 30 to 25", "由30降到25". None when nothing reads as a change, or when
+    the value is ambiguous (a transition and an explicit sign that disagree, a bare value
+    such as "up to 35"): the caller retries rather than misreading an emotion value."""
     line = _first_line(value)
     lowered = line.lower()
-    signed = _SIGNED_RE.search(line)
-    unsigned = _UNSIGNED_RE.search(line)
-    if signed is not None:
-        # An explicit sign wins over an earlier unsigned number ("from 40 to 45 (+5)").
+    transitions = list(_TRANSITION_RE.finditer(line))
+    if transitions:
+        diffs = {_to_int(m.group(2)) - _to_int(m.group(1)) for m in transitions}
+        spans = [m.span() for m in transitions]
+        outside = [m for m in _SIGNED_RE.finditer(line)
+                   if not any(a <= m.start() < b for a, b in spans)]
+        signed = {_to_int(m.group(2)) * (-1 if m.group(1) == "-" else 1) for m in outside}
+        if len(diffs) != 1 or (signed and signed != diffs):
+            return None
+        delta = diffs.pop()
+    elif (signed := _SIGNED_RE.search(line)) is not None:
         delta = _to_int(signed.group(2)) * (-1 if signed.group(1) == "-" else 1)
-    elif unsigned is not None:
+    elif (unsigned := _UNSIGNED_RE.search(line)) is not None:
         before = lowered[: unsigned.start()]
+        # "30 - > 25", "5, now 35": with no sign, two numbers cannot be told apart.
+        if _VALUE_CUE_RE.search(before) or len(_UNSIGNED_RE.findall(line)) > 1:
+            return None
         negative = any(w in before for w in _NEGATIVE_WORDS)
         delta = -_to_int(unsigned.group(1)) if negative else _to_int(unsigned.group(1))
     elif any(w in lowered for w in _ZERO_WORDS):
@@ -991,7 +1029,7 @@ def parse_analyzer(text: Any) -> AnalyzerResult:
         found = _fields(norm, _ANALYZER_LABEL_RE)
         fields: dict[str, str] = {}
         for name, start, end in found:
-            if name != "delta":
+            if name != "delta" and name not in _LABEL_ONLY_FIELDS:
                 fields[name] = _clean_value(raw[start:end])
         delta = None
         for name, start, end in reversed(found):

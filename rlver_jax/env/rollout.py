@@ -217,7 +217,8 @@ class DialogueRollout:
         group_ids: list[int] = []
         for p_index, profile in enumerate(profiles):
             for g in range(s.group_size):
-                states.append(sim.new_dialogue(f"{id_prefix}-{p_index}-{g}", profile, cfg))
+                states.append(sim.new_dialogue(f"{id_prefix}-{p_index}-{g}", profile, cfg,
+                                               think=s.think))
                 group_ids.append(p_index)
         by_id = {st.dialogue_id: st for st in states}
         if len(by_id) != len(states):
@@ -364,7 +365,8 @@ def dialogue_record(state: sim.DialogueState, step: int | None = None,
             pending_user = text
             continue
         record = next(records, None)
-        split = sim.split_think(text)
+        split = (sim.split_think(text) if state.think
+                 else sim.ThinkSplit(thought="", reply=text.strip(), closed=True))
         turns.append({
             "user": pending_user, "policy_raw": text, "policy_reply": split.reply,
             "thought": split.thought, "think_closed": split.closed,

@@ -275,7 +275,9 @@ class TurnRecord:
 class DialogueState:
     """One dialogue. `history` holds (role, text) with role "user" (the simulated person) or
     "assistant" (the policy, its raw generation, thoughts included). `turns` counts policy
-    replies that have been analysed."""
+    replies that have been analysed. `think`: the policy writes <think>...</think> before its
+    replies, so the simulator reads only what follows the last </think>; without think mode
+    it reads the whole reply (a stray "<think>" hides nothing)."""
 
     dialogue_id: str
     profile: Any
@@ -285,6 +287,7 @@ class DialogueState:
     done: bool = False
     done_reason: str | None = None
     records: list[TurnRecord] = dataclasses.field(default_factory=list)
+    think: bool = True
 
     @property
     def level(self) -> str:
@@ -295,10 +298,12 @@ class DialogueState:
         return reward(self.emotion)
 
 
-def new_dialogue(dialogue_id: str, profile: Any, settings: SimulatorSettings) -> DialogueState:
-    """A fresh dialogue at the settings' start emotion."""
+def new_dialogue(dialogue_id: str, profile: Any, settings: SimulatorSettings,
+                 think: bool = True) -> DialogueState:
+    """A fresh dialogue at the settings' start emotion; `think`: the policy's mode."""
     return DialogueState(
-        dialogue_id=str(dialogue_id), profile=profile, emotion=settings.start_emotion
+        dialogue_id=str(dialogue_id), profile=profile, emotion=settings.start_emotion,
+        think=think,
     )
 
 
@@ -646,16 +651,17 @@ def _persona_values(profile: Any, lang: str) -> dict[str, str]:
     }
 
 
-def _visible(text: str) -> str:
-    # The simulator only ever sees what follows the policy's last </think>.
-    return split_think(text).reply
+def _visible(text: str, think: bool = True) -> str:
+    # In think mode the simulator only ever sees what follows the policy's last </think>;
+    # without it the reply is shown whole (a stray tag must not hide the rest).
+    return split_think(text).reply if think else _as_text(text).strip()
 
 
-def _transcript(history: Sequence[tuple[str, str]], lang: str) -> str:
+def _transcript(history: Sequence[tuple[str, str]], lang: str, think: bool = True) -> str:
     names = _TRANSCRIPT[lang]
     lines = []
     for role, text in history:
-        shown = _visible(text) if role == "assistant" else text
+        shown = _visible(text, think) if role == "assistant" else text
         lines.append(f"{names.get(role, role)}{names['sep']}{shown.strip()}")
     return "\n".join(lines) if lines else names["empty"]
 
@@ -666,17 +672,19 @@ def render_analyzer_prompt(
     latest_reply: str,
     emotion: int,
     settings: SimulatorSettings,
+    think: bool = True,
 ) -> list[dict[str, str]]:
     """Chat messages for the analyzer step.
 
-    `history` is the dialogue before `latest_reply` (the policy's newest raw generation; its
-    thoughts are removed). `emotion` is the CURRENT emotion (the reference code wrongly
-    showed the initial one).
+    `history` is the dialogue before `latest_reply` (the policy's newest raw generation; in
+    think mode its thoughts are removed). `emotion` is the CURRENT emotion (the reference
+    code wrongly showed the initial one).
     """
     lang = resolve_language(profile, settings)
     hist = list(history)
     # Forgive a history that already ends with the latest reply rather than showing it twice.
-    if hist and hist[-1][0] == "assistant" and _visible(hist[-1][1]) == _visible(latest_reply):
+    if (hist and hist[-1][0] == "assistant"
+            and _visible(hist[-1][1], think) == _visible(latest_reply, think)):
         hist = hist[:-1]
     if settings.delta_clamp is not None:
         delta_range = _DELTA_RANGE[lang]["clamped"].format(c=settings.delta_clamp)
@@ -686,8 +694,8 @@ def render_analyzer_prompt(
     values.update(
         acceptance=_ACCEPTANCE[lang][settings.reserve],
         emotion=str(int(emotion)),
-        history=_transcript(hist, lang),
-        latest_reply=_visible(latest_reply).strip(),
+        history=_transcript(hist, lang, think),
+        latest_reply=_visible(latest_reply, think),
         delta_range=delta_range,
     )
     return _render(f"analyzer_{lang}", **values)
@@ -716,8 +724,9 @@ def render_actor_prompt(
     analysis: AnalyzerResult | str | None,
     level: str,
     settings: SimulatorSettings,
+    think: bool = True,
 ) -> list[dict[str, str]]:
-    """Chat messages for the actor step.
+    """Chat messages for the actor step (`think`: as in `render_analyzer_prompt`).
 
     `level` is the letter from `emotion_level` (the actor never sees the number). At a level
     in `settings.goodbye_levels` the actor is told to say goodbye with the goodbye word. An
@@ -739,7 +748,7 @@ def render_actor_prompt(
         hint_rule=_HINT_RULE[lang][settings.hint_need],
         reserve_rule=_RESERVE[lang][settings.reserve],
         level_text=level_text,
-        history=_transcript(history, lang),
+        history=_transcript(history, lang, think),
         analysis_block=f"{_ANALYSIS_HEADER[lang]}{text}\n\n" if text else "",
         task_instruction=task_instruction,
         persona_rule=_PASSIVE_RULE[lang] if _personality_name(profile) == "passive" else "",

@@ -33,8 +33,8 @@ from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
-from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, RolloutSummary, collate,
-                                   dialogue_record)
+from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
+                                   RolloutSummary, collate, dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
@@ -81,6 +81,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.rollout.unclosed_think in ("pass", "zero_reward"), "rollout.unclosed_think",
+           f"{c.rollout.unclosed_think!r} is not one of ('pass', 'zero_reward')")
+    _check(c.rollout.get("truncated_turn", "pass") in TRUNCATED_TURN_MODES,
+           "rollout.truncated_turn",
+           f"{c.rollout.get('truncated_turn')!r} is not one of {TRUNCATED_TURN_MODES}")
     for key in ("rules", "sampling_rules"):
         _check(c.mesh[key] in sharding_lib.RULE_PRESETS, f"mesh.{key}",
                f"{c.mesh[key]!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
@@ -173,7 +178,8 @@ class Trainer:
             max_turn_tokens=c.rollout.max_turn_tokens,
             max_dialogue_tokens=c.rollout.max_dialogue_tokens,
             temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-            unclosed_think=c.rollout.unclosed_think)
+            unclosed_think=c.rollout.unclosed_think,
+            truncated_turn=c.rollout.get("truncated_turn", "pass"))
         self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
         self._prepare = jax.jit(self._prepare_impl)
         self._sim_tokens_seen = 0

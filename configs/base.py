@@ -102,6 +102,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.max_grad_norm = 1.0
     c.rl.weight_decay = 0.0
     c.rl.agg_mode = "token-mean"
+    # C of the `*-norm` aggregation modes (Dr.GRPO: sum of a sequence's token losses / C).
+    # 0: the configured maximum response length, rollout.max_turn_tokens in think mode (a
+    # sample is one turn) and rollout.max_dialogue_tokens without it (a sample is the whole
+    # dialogue); never the padded batch width, which changes from step to step.
+    c.rl.agg_constant = 0
     c.rl.grpo_normalize_std = True
     c.rl.whiten_advantages = False
     c.rl.logprob_chunk = 1024

@@ -59,6 +59,16 @@ OPTIONAL_BOUNDS = ("delta_clamp", "end_below", "end_at_or_above", "emotion_floor
 
 
 
+def agg_constant(c: ml_collections.ConfigDict) -> float:
+    """C of the `*-norm` aggregation modes: `rl.agg_constant`, or when it is 0 the maximum
+    response length (rollout.max_turn_tokens in think mode, rollout.max_dialogue_tokens
+    without it: there one sample is the whole dialogue)."""
+    value = c.rl.get("agg_constant", 0)
+    if value:
+        return float(value)
+    return float(c.rollout.max_turn_tokens if c.rollout.think else c.rollout.max_dialogue_tokens)
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
@@ -81,6 +91,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.rl.get("agg_constant", 0) >= 0, "rl.agg_constant",
+           "must be > 0, or 0 for the maximum response length")
     _check(c.rollout.unclosed_think in ("pass", "zero_reward"), "rollout.unclosed_think",
            f"{c.rollout.unclosed_think!r} is not one of ('pass', 'zero_reward')")
     _check(c.rollout.get("truncated_turn", "pass") in TRUNCATED_TURN_MODES,
@@ -245,6 +257,7 @@ class Trainer:
             dual_clip=rl.dual_clip or None, value_clip=rl.value_clip or None,
             entropy_coef=rl.entropy_coef, kl_loss_coef=rl.kl_loss_coef,
             kl_loss_kind=rl.kl_loss_kind, agg_mode=rl.agg_mode,
+            constant_normaliser=agg_constant(self.config),
             micro_batch_size=rl.micro_batch_size, logprob_chunk=rl.logprob_chunk,
             temperature=self.config.rollout.temperature or 1.0)
 

@@ -80,6 +80,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
            f"{c.rl.algorithm!r} is not one of ('ppo', 'grpo')")
     _check(c.simulator.kind in ("llm", "rule"), "simulator.kind",
            f"{c.simulator.kind!r} is not one of ('llm', 'rule')")
+    _check(c.simulator.difficulty in sim.DIFFICULTY_PRESETS, "simulator.difficulty",
+           f"{c.simulator.difficulty!r} is not one of {tuple(sorted(sim.DIFFICULTY_PRESETS))}")
     _check(c.rollout.batch_dialogues % c.rollout.group_size == 0, "rollout.batch_dialogues",
            f"{c.rollout.batch_dialogues} is not a multiple of rollout.group_size "
            f"{c.rollout.group_size}")

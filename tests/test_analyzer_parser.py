@@ -135,7 +135,7 @@ def analyzer_outputs(draw):
     return text, delta
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(analyzer_outputs())
 def test_generated_outputs_parse_to_the_intended_change(case):
     text, delta = case
@@ -145,7 +145,7 @@ def test_generated_outputs_parse_to_the_intended_change(case):
     assert result.delta == delta, text
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(analyzer_outputs(), st.integers(1, 60), st.integers(0, 40))
 def test_a_bare_value_with_no_change_never_parses(case, value, start):
     # Replace the change field by a current value only: there is no change to read.

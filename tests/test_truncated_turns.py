@@ -8,7 +8,7 @@ import pytest
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED, load_profiles
-from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, collate
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, collate, dialogue_record
 from rlver_jax.env.users import RuleUser
 from rlver_jax.tokenizer import IM_END, ChatTokenizer
 from tests.scripted_user import ScriptedGenerator
@@ -74,6 +74,7 @@ def test_truncated_turn_modes_no_think(tok, mode):
         assert sample.reward == 0.0 and result.summary.reward[0] == 0.0
         assert result.metrics["end/truncated"] == pytest.approx(0.5)
         assert len(st.records) == 2 and st.history[-1][0] == "assistant"
+        assert dialogue_record(st)["reward"] == 0.0  # the log agrees with training
     else:
         # Out of the loss (and its log-probs zeroed); the dialogue still ran its course.
         assert st.turns == 3 and st.done_reason == "turn_limit"

@@ -417,7 +417,8 @@ def dialogue_record(state: sim.DialogueState, step: int | None = None,
     return {
         "step": step, "dialogue_id": state.dialogue_id, "profile_id": getattr(profile, "id", None),
         "need": need, "personality": kind, "final_emotion": state.emotion,
-        "reward": state.reward if reward is None else reward, "turns": state.turns,
+        "reward": DialogueRollout.final_reward(state) if reward is None else reward,
+        "turns": state.turns,
         "done_reason": state.done_reason, "opening": state.history[0][1] if state.history else "",
         "dialogue": turns,
     }

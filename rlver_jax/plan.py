@@ -445,6 +445,9 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
+    from rlver_jax import config_files
+    config_files.ensure_configs_importable()
+    sys.argv[:] = config_files.resolve_config_argv(sys.argv)
     config_flags.DEFINE_config_file("config", None, "ml-collections config file.",
                                     lock_config=False)
     flags.DEFINE_integer("devices", None, "Plan for this many devices (fake CPU devices "

@@ -1,6 +1,7 @@
 """gs:// workdirs against a real GCS API server on localhost (gcp-storage-emulator): train
-into gs://, stop and resume from it, export from it, evaluate from it, and read every output
-back; the append-by-compose path; and an offline Weights & Biases run."""
+into gs://, stop and resume from it (matching a straight local run), export from it,
+evaluate from it, and read every output back; the append-by-compose path; and an offline
+Weights & Biases run."""
 
 import contextlib
 import io
@@ -114,21 +115,28 @@ def test_train_resume_export_evaluate_round_trip_through_gs(gcs, tmp_path):
     from rlver_jax import evaluate, export
     from rlver_jax.checkpoint import Checkpointer
     from rlver_jax.metrics import read_metrics
-    from tests.test_train import small_config
     from rlver_jax.trainer import Trainer
+    from tests.test_train import comparable, small_config
 
+    straight = Trainer(small_config(3), str(tmp_path / "straight")).run()
     run = storage.join(gcs, "run")
     config = small_config(2)
     config.log.plots = True
     Trainer(config, run).run()                 # stops after step 1, checkpoint at 2
     config.total_steps = 3
-    trainer = Trainer(config, run)
-    tail = trainer.run()                       # a new trainer resumes from gs://
+    trainer = Trainer(config, run)             # a new process would do the same
+    tail = trainer.run()                       # resumes from gs://
     assert [r["step"] for r in tail] == [2]
 
     workdir = storage.path(run)
     records = read_metrics(storage.join(run, "metrics.jsonl"))
     assert [r["step"] for r in records] == [0, 1, 2]
+    # The resumed run reads like the straight one.
+    a, b = comparable(straight), comparable(records)
+    assert a[2].keys() == b[2].keys()
+    for ra, rb in zip(a, b):
+        for key in ra:
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=key)
     assert json.loads((workdir / "config.json").read_text())["total_steps"] == 3
     dialogues = [json.loads(line) for line in
                  (workdir / "dialogues.jsonl").read_text().splitlines()]
@@ -162,8 +170,8 @@ def test_train_resume_export_evaluate_round_trip_through_gs(gcs, tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         rc = evaluate.main(["rlver_jax.evaluate", "--quiet", f"--workdir={run}",
-                            "--profiles=en_eval", "--max_dialogues=2",
-                            "--max_turn_tokens=8", f"--out={eval_out}"])
+                            "--profiles=en_eval", "--max_dialogues=2", "--max_turn_tokens=8",
+                            "--max_dialogue_tokens=1024", f"--out={eval_out}"])
     assert rc == 0, err.getvalue()
     report_dir = storage.path(eval_out)
     report = json.loads((report_dir / "report.json").read_text())

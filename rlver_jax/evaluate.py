@@ -1,7 +1,8 @@
 """Sentient-benchmark-style evaluation of a policy against a simulated user.
 
-    python -m rlver_jax.evaluate (--workdir DIR [--step N] | --hf_model DIR) --profiles FILE
-        --out DIR [--simulator rule|llm] [--simulator_hf_dir DIR] [--simulator_preset NAME]
+    python -m rlver_jax.evaluate (--workdir DIR [--step N] | --hf_model DIR|HUB_ID)
+        --profiles FILE --out DIR [--simulator rule|llm] [--simulator_hf_dir DIR|HUB_ID]
+        [--simulator_preset NAME]
         [--tokenizer SPEC] [--think|--nothink] [--max_dialogues N] [--max_turn_tokens N]
         [--temperature T] [--seed S] [--difficulty sage|hard|strict] [--batch_size N]
 
@@ -537,15 +538,18 @@ def _define_flags():
     d = dict(flag_values=fv)
     flags.DEFINE_string("workdir", None, "training workdir (holds checkpoints/)", **d)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", **d)
-    flags.DEFINE_string("hf_model", None, "HF Qwen2 directory of the policy", **d)
+    flags.DEFINE_string("hf_model", None, "HF Qwen2 directory or hub id (ORG/NAME[@REV]) of the "
+                        "policy", **d)
     flags.DEFINE_string("profiles", None, "profile jsonl (RLVER / SAGE schema) or a shipped "
                         f"set ({', '.join(sorted(SHIPPED))})", **d)
-    flags.DEFINE_string("out", None, "output directory (report.json, dialogues.jsonl, PNGs)",
+    flags.DEFINE_string("out", None, "output directory or gs:// URL (report.json, "
+                        "dialogues.jsonl, PNGs)",
                         **d)
     flags.DEFINE_enum("simulator", None, ["rule", "llm"], "simulated user (default: llm when "
                       "--simulator_hf_dir or --simulator_preset is given, else the TOY rule "
                       "judge)", **d)
-    flags.DEFINE_string("simulator_hf_dir", None, "HF directory of the simulator LLM", **d)
+    flags.DEFINE_string("simulator_hf_dir", None, "HF directory or hub id of the simulator LLM",
+                        **d)
     flags.DEFINE_string("simulator_preset", None, "random-weight simulator of this preset "
                         "(smoke tests only)", **d)
     flags.DEFINE_string("simulator_tokenizer", None, "simulator tokenizer spec (default: the "

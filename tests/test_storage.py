@@ -197,10 +197,15 @@ def test_offline_wandb_run_records_step_metrics_and_config(tmp_path):
     writer.close()
     [run_dir] = [p for p in (tmp_path / "wandb").iterdir() if p.name.startswith("offline-run")]
     [log] = list(run_dir.glob("run-*.wandb"))
+    records = []
+    deadline = time.time() + 60
+    while time.time() < deadline:    # wandb-core may still be writing when finish() returns
+        records = [wandb_internal_pb2.Record.FromString(d) for d in wandb_records(log)]
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.2)
     history, config = [], {}
-    for data in wandb_records(log):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
+    for record in records:
         if record.WhichOneof("record_type") == "history":
             history.append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                             for i in record.history.item})

@@ -243,8 +243,9 @@ def _define_flags():
     # --workdir; absl's global registry would reject the duplicate.
     from absl import flags
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "training workdir (holds checkpoints/)", flag_values=fv)
-    flags.DEFINE_string("out", None, "output HF directory", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "training workdir or gs:// URL (holds checkpoints/)",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "output HF directory (or gs:// URL)", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
     flags.DEFINE_enum("model", "policy", sorted(MODELS), "which model to export", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -253,7 +254,8 @@ def _define_flags():
     flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file (5GB, 2GiB, ...)",
                         flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "tokenizer spec overriding the checkpoint's "
-                        "('tiny', 'qwen2.5' or an HF tokenizer directory)", flag_values=fv)
+                        "('tiny', 'qwen2.5', an HF tokenizer directory or a hub id)",
+                        flag_values=fv)
     flags.DEFINE_string("mesh", "", "load sharded on a (data,fsdp,tensor) mesh, e.g. '1,-1,1' "
                         "(default: one device)", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)

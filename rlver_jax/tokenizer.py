@@ -113,7 +113,8 @@ TINY_VOCAB_SIZE = 2048
 TINY_CONTROL_SYMBOLS = (ENDOFTEXT, IM_START, IM_END)
 TINY_USER_SYMBOLS = (THINK_OPEN, THINK_CLOSE)
 
-SPEC_OPTIONS = ("tiny", "qwen2.5", "<path to an HF tokenizer directory>", "<hub id, e.g. Qwen/Qwen2.5-7B-Instruct>")
+SPEC_OPTIONS = ("tiny", "qwen2.5", "<path to an HF tokenizer directory>",
+                "<hub id, e.g. Qwen/Qwen2.5-7B-Instruct>")
 
 Message = Mapping[str, str]
 

@@ -31,12 +31,12 @@ from flax import nnx
 
 from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
+from rlver_jax import storage
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
 from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
                                    RolloutSummary, collate, dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
-from rlver_jax import storage
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
@@ -238,7 +238,8 @@ class Trainer:
         self.reference_params = None
         if self.kl_on:
             if c.reference.hf_dir:
-                _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype, self.mesh, self.rules)
+                _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype,
+                                 self.mesh, self.rules)
                 self.reference_params = nnx.state(ref, nnx.Param)
             else:
                 self.reference_params = jax.tree.map(jnp.copy, nnx.state(policy, nnx.Param))
@@ -253,8 +254,8 @@ class Trainer:
                    else self.tokenizer)
         # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
-            _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype, self.mesh,
-                                   self.sampling_rules)
+            _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype,
+                                   self.mesh, self.sampling_rules)
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
             sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,

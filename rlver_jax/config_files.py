@@ -41,6 +41,25 @@ def resolve_config_arg(value: str) -> str:
     return value
 
 
+def shipped_names() -> list[str]:
+    if not os.path.isdir(SHIPPED_DIR):
+        return []
+    return sorted(n[:-3] for n in os.listdir(SHIPPED_DIR)
+                  if n.endswith(".py") and not n.startswith("_"))
+
+
+def missing_config_error(argv: list[str], flag: str = "config") -> str | None:
+    """One line naming a `--config` file that does not exist (after name resolution), or
+    None; ml_collections would raise a multi-line OSError for it."""
+    for i, a in enumerate(argv):
+        value = (a.split("=", 1)[1] if a.startswith(f"--{flag}=") else
+                 argv[i + 1] if a == f"--{flag}" and i + 1 < len(argv) else None)
+        if value is not None and not os.path.isfile(value.partition(":")[0]):
+            return (f"error: --{flag}={value}: no such config file (pass a path or a "
+                    f"shipped config: {', '.join(shipped_names())})")
+    return None
+
+
 def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
     """`argv` with the `--config` value (either `--config=V` or `--config V`) resolved."""
     out = list(argv)

@@ -17,7 +17,9 @@ analyzer never parses, so the emotion stays put and every dialogue runs to the l
 Two sweeps: turns (`--turns`, at `--turns_batch` dialogues) and dialogues per batch
 (`--batch`, at `--batch_turns` turns). Reported per configuration:
 
-  dialogues_per_s       dialogues / wall time of a warm rollout (compile excluded)
+  dialogues_per_s       dialogues / median wall time of a warm rollout (compile excluded);
+                        ours and the peer run interleaved (ours, peer, ours, ...) for
+                        `--repeats` rounds; `timing` holds each side's spread
   tokens_per_s          policy tokens sampled / wall time
   all_tokens_per_s      policy + simulator tokens sampled / wall time
   policy_s, analyzer_s, actor_s, other_s
@@ -43,8 +45,10 @@ with `SimulatorSampling.reuse_cache=False` (peer "noreuse"). Reported per turn c
                              nodes of a prefix tree over every prompt: what a perfect prefix
                              cache computes); `prefill_over_unique` = prefill / unique
   simulator_s, peer_simulator_s, peer_simulator_prefill_tokens
-                             simulator time (analyzer + actor) and the peer's; `growth`:
-                             log-log slope of simulator time vs turns, ours and the peer's
+                             simulator time (analyzer + actor, median run) and the peer's,
+                             `simulator_ratio` = peer / ours; `growth`: log-log slope of
+                             simulator time vs turns, ours and the peer's; both sides are
+                             warmed up, then timed in `--repeats` interleaved rounds
 
 Plots: `results/rollout_turns.png` (time vs turns, log-log, split by component, with the
 peer) and `results/rollout_batch.png` (dialogues/s and tokens/s vs batch).
@@ -83,14 +87,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smallest prefill width of the policy sampler")
     p.add_argument("--think", action="store_true",
                    help="think-then-say rollouts (the KV cache rolls back each turn)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--peer", default="reprefill", choices=("reprefill", "none"))
     p.add_argument("--peer_batch_sweep", action="store_true",
                    help="also run the re-prefill peer in the batch sweep")
     p.add_argument("--quick", action="store_true",
                    help="tiny only; turns 1/2/4/8 at 4 dialogues; batch 1/4/16 at 2 turns "
                         "(peer in the turns sweep only); 16-token replies, simulator prompts "
-                        "capped at 256 tokens; one repeat")
+                        "capped at 256 tokens; 3 rounds")
     p.add_argument("--simulator_shape", action="store_true",
                    help="the simulator KV-reuse sweep (see the module doc) instead of the "
                         "turns and batch sweeps")
@@ -107,7 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.preset, args.sim_preset = ["tiny"], "tiny"
         args.turns, args.turns_batch, args.batch, args.batch_turns = [1, 2, 4, 8], 4, [1, 4, 16], 2
         args.turn_tokens, args.sim_tokens, args.sim_prompt_tokens = 16, 16, 256
-        args.repeats, args.peer_batch_sweep = 1, False
+        args.repeats, args.peer_batch_sweep = 3, False
+    common.check_repeats(p, args.repeats)
     if args.simulator_shape:
         args.sim_prompt_tokens = max(args.sim_prompt_tokens, 8192)  # nothing truncated
     return args
@@ -183,37 +188,61 @@ def _profiles(setup: Setup, batch: int) -> list:
     return [setup.profiles[i % len(setup.profiles)] for i in range(batch)]
 
 
-def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int,
-            continuation: bool, think: bool = False) -> dict[str, Any]:
-    """Warm-up rollout (compiles), then the median of `repeats` identical warm rollouts."""
+def prepare(setup: Setup, turns: int, batch: int, turn_tokens: int, continuation: bool,
+            think: bool = False):
+    """A warm-up rollout (compiles); returns (first call s, a warm rollout fn, the list that
+    fn appends (result, simulator tokens) to)."""
     rollout, user = setup.rollout(turns, turn_tokens, continuation, think)
     profiles = _profiles(setup, batch)
     # The same seed every time: identical work, so the warm runs reuse every program.
     t0 = time.perf_counter()
     rollout.run(setup.policy, profiles, seed=0)
     first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
+    runs: list = []
+
+    def once():
         sim_tokens = user.stats["simulator_tokens"]
-        t0 = time.perf_counter()
         result = rollout.run(setup.policy, profiles, seed=0)
-        wall = time.perf_counter() - t0
-        runs.append((wall, result, user.stats["simulator_tokens"] - sim_tokens))
-    wall, result, sim_tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+        runs.append((result, user.stats["simulator_tokens"] - sim_tokens))
+
+    return first, once, runs
+
+
+def summarize(first: float, walls: list[float], runs: list, turns: int,
+              batch: int) -> dict[str, Any]:
+    """The measured fields of one side from its warm runs: the median run's split."""
+    order = sorted(range(len(walls)), key=lambda i: walls[i])
+    i = order[len(order) // 2]
+    wall = statistics.median(walls)
+    result, sim_tokens = runs[i]
     assert all(st.turns == turns for st in result.dialogues), "a dialogue ended early"
     policy_tokens = result.metrics["tokens/policy"]
     timing = dict(result.timing)
     return {
         "wall_s": wall, "first_s": first, "compile_s": max(first - wall, 0.0),
         "policy_s": timing["policy_s"], "analyzer_s": timing["analyzer_s"],
-        "actor_s": timing["actor_s"], "other_s": wall - sum(timing.values()),
+        "actor_s": timing["actor_s"], "other_s": walls[i] - sum(timing.values()),
         "policy_tokens": policy_tokens, "simulator_tokens": sim_tokens,
         "tokens_per_s": policy_tokens / wall,
         "all_tokens_per_s": (policy_tokens + sim_tokens) / wall,
         "dialogues_per_s": batch / wall,
         "dialogue_tokens_mean": sum(len(s.tokens) for s in result.samples) / len(result.samples),
-        "wall_s_all": [r[0] for r in runs],
+        "wall_s_all": list(walls),
     }
+
+
+def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int,
+            with_peer: bool, think: bool = False):
+    """Ours (continuing each row's cache) and, with a peer, the re-prefilling rollout:
+    both warmed up, then `repeats` interleaved rounds (ours, peer, ours, ...).
+    Returns (ours, peer or None, timing fields for the record)."""
+    sides = {"ours": prepare(setup, turns, batch, turn_tokens, True, think)}
+    if with_peer:
+        sides["peer"] = prepare(setup, turns, batch, turn_tokens, False, think)
+    times = common.time_interleaved({k: v[1] for k, v in sides.items()}, repeats)
+    out = {k: summarize(first, times[k], runs, turns, batch)
+           for k, (first, _, runs) in sides.items()}
+    return out["ours"], out.get("peer"), common.timing_fields(times)
 
 
 class _PromptTrie:
@@ -273,9 +302,9 @@ def padded_profiles(setup: Setup, count: int, head_tokens: int) -> list:
     return out
 
 
-def measure_simulator(setup: Setup, args, turns: int, reuse: bool) -> dict[str, Any]:
-    """One warm-up and `repeats` warm rollouts (median) at the simulator shape; the prompt
-    tokens the simulator computed and reused, and the distinct prompt tokens."""
+def prepare_simulator(setup: Setup, args, turns: int, reuse: bool):
+    """A warm-up rollout at the simulator shape; returns (first call s, a warm rollout fn,
+    the list that fn appends (result, distinct prompt tokens) to)."""
     import dataclasses
 
     sampling = dataclasses.replace(
@@ -294,17 +323,26 @@ def measure_simulator(setup: Setup, args, turns: int, reuse: bool) -> dict[str, 
     t0 = time.perf_counter()
     rollout.run(setup.policy, profiles, seed=0)
     first = time.perf_counter() - t0
-    runs = []
-    for _ in range(args.repeats):
+    runs: list = []
+
+    def once():
         recorder.trie = _PromptTrie()
-        t0 = time.perf_counter()
         result = rollout.run(setup.policy, profiles, seed=0)
-        runs.append((time.perf_counter() - t0, result, recorder.trie.size))
-    wall, result, unique = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+        runs.append((result, recorder.trie.size))
+
+    return first, once, runs
+
+
+def summarize_simulator(first: float, walls: list[float], runs: list) -> dict[str, Any]:
+    """One side's fields from its warm runs: the median run's counts and split."""
+    order = sorted(range(len(walls)), key=lambda i: walls[i])
+    result, unique = runs[order[len(order) // 2]]
     m = result.metrics
+    sim_s = sorted(r.timing["analyzer_s"] + r.timing["actor_s"] for r, _ in runs)
     return {
-        "wall_s": wall, "first_s": first, "compile_s": max(first - wall, 0.0),
-        "simulator_s": result.timing["analyzer_s"] + result.timing["actor_s"],
+        "wall_s": statistics.median(walls), "first_s": first,
+        "compile_s": max(first - statistics.median(walls), 0.0),
+        "simulator_s": statistics.median(sim_s),
         "policy_s": result.timing["policy_s"],
         "simulator_prefill_tokens": m["rollout/simulator_prefill_tokens"],
         "simulator_reused_tokens": m["rollout/simulator_reused_tokens"],
@@ -313,15 +351,19 @@ def measure_simulator(setup: Setup, args, turns: int, reuse: bool) -> dict[str, 
         "policy_reused_tokens": m["rollout/policy_reused_tokens"],
         "unique_prompt_tokens": unique,
         "prefill_over_unique": m["rollout/simulator_prefill_tokens"] / max(unique, 1),
-        "dialogues": len(result.dialogues), "wall_s_all": [r[0] for r in runs],
+        "dialogues": len(result.dialogues), "wall_s_all": list(walls),
     }
 
 
 def run_simulator_sweep(setup: Setup, args, machine) -> list[dict]:
+    """Per turn count: reuse on (ours) and off (peer), warmed up, then interleaved rounds."""
     records = []
     for turns in sorted(args.turns):
-        ours = measure_simulator(setup, args, turns, True)
-        peer = measure_simulator(setup, args, turns, False)
+        sides = {"ours": prepare_simulator(setup, args, turns, True),
+                 "peer": prepare_simulator(setup, args, turns, False)}
+        times = common.time_interleaved({k: v[1] for k, v in sides.items()}, args.repeats)
+        ours, peer = (summarize_simulator(sides[k][0], times[k], sides[k][2])
+                      for k in ("ours", "peer"))
         config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
                   "sweep": "simulator", "turns": turns, "batch": ours["dialogues"],
                   "group_size": args.group_size, "turn_tokens": args.turn_tokens,
@@ -334,7 +376,8 @@ def run_simulator_sweep(setup: Setup, args, machine) -> list[dict]:
                       peer_simulator_s=peer["simulator_s"],
                       peer_simulator_prefill_tokens=peer["simulator_prefill_tokens"],
                       peer_compile_s=peer["compile_s"],
-                      ratio=peer["simulator_s"] / max(ours["simulator_s"], 1e-9))
+                      simulator_ratio=peer["simulator_s"] / max(ours["simulator_s"], 1e-9))
+        record.update(common.timing_fields(times))  # wall: ratio, its per-round min / max
         record["peak_rss_bytes"] = common.peak_rss_bytes()
         record["device_memory_bytes"] = common.device_memory_bytes()
         print(f"rollout {setup.preset} simulator T={turns} B={ours['dialogues']}: simulator "
@@ -374,7 +417,7 @@ _MEASURED_PEER = ("tokens_per_s", "dialogues_per_s", "wall_s", "policy_s", "anal
                   "actor_s", "compile_s")
 
 def _record(setup: Setup, args, machine, sweep: str, turns: int, batch: int,
-            ours: dict, peer: dict | None) -> dict:
+            ours: dict, peer: dict | None, timing: dict) -> dict:
     config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
               "sweep": sweep, "turns": turns, "batch": batch, "turn_tokens": args.turn_tokens,
               "sim_tokens": args.sim_tokens, "sim_prompt_tokens": args.sim_prompt_tokens,
@@ -388,8 +431,8 @@ def _record(setup: Setup, args, machine, sweep: str, turns: int, batch: int,
                       peer_dialogues_per_s=peer["dialogues_per_s"], peer_wall_s=peer["wall_s"],
                       peer_policy_s=peer["policy_s"], peer_analyzer_s=peer["analyzer_s"],
                       peer_actor_s=peer["actor_s"], peer_compile_s=peer["compile_s"],
-                      ratio=peer["wall_s"] / ours["wall_s"],
                       policy_ratio=peer["policy_s"] / ours["policy_s"])
+    record.update(timing)  # ratio (peer wall / ours, medians), its per-round min / max
     record["compilations"] = setup.policy_sampler.num_compilations + (
         0 if setup.sim_sampler is setup.policy_sampler else setup.sim_sampler.num_compilations)
     record["peak_rss_bytes"] = common.peak_rss_bytes()
@@ -421,12 +464,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         with_peer = args.peer == "reprefill"
         sweep = []
         for turns in sorted(args.turns):
-            ours = measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats, True,
-                           args.think)
-            peer = (measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats,
-                            False, args.think) if with_peer else None)
+            ours, peer, timing = measure(setup, turns, args.turns_batch, args.turn_tokens,
+                                         args.repeats, with_peer, args.think)
             record = _record(setup, args, machine, "turns", turns, args.turns_batch, ours,
-                             peer)
+                             peer, timing)
             _print(record)
             sweep.append(record)
         turns_list = [r["config"]["turns"] for r in sweep]
@@ -455,13 +496,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                 ours = {k: reuse[k] for k in _MEASURED}
                 peer = ({k: reuse["peer_" + k] for k in _MEASURED_PEER}
                         if peer_here and reuse["peer"] else None)
+                timing = {"timing": {k: v for k, v in reuse["timing"].items()
+                                     if k == "ours" or peer is not None}}
+                if peer is not None:
+                    timing.update({k: reuse[k] for k in ("ratio", "ratio_min", "ratio_max",
+                                                         "ratio_per_round")})
             else:
-                ours = measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
-                               True, args.think)
-                peer = (measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
-                                False, args.think) if peer_here else None)
+                ours, peer, timing = measure(setup, args.batch_turns, batch, args.turn_tokens,
+                                             args.repeats, peer_here, args.think)
             record = _record(setup, args, machine, "batch", args.batch_turns, batch, ours,
-                             peer)
+                             peer, timing)
             _print(record)
             records.append(record)
     if not args.no_save:

@@ -13,12 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
-    # Policy tokenizer: "qwen2.5" (bundled), "tiny" (CPU presets) or an HF tokenizer dir.
+    # Policy tokenizer: "qwen2.5" (bundled), "tiny" (CPU presets), an HF tokenizer dir or hub id.
     c.tokenizer = "qwen2.5"
 
     c.policy = ml_collections.ConfigDict()
     c.policy.preset = "qwen2.5-7b"      # architecture when no hf_dir is given (random init)
-    c.policy.hf_dir = ""                # local HF directory with real weights
+    c.policy.hf_dir = ""                # real weights: a local HF directory or a hub id[@rev]
     c.policy.dtype = "bfloat16"
     c.policy.remat = "full"
 
@@ -67,12 +67,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.think = True
     c.rollout.batch_dialogues = 32      # dialogues per step (profiles x group_size)
     c.rollout.group_size = 1            # GRPO sets 4
-    c.rollout.max_turn_tokens = 1024
+    # The reference run's 5k tokens per turn (RLVER.md): think-mode thoughts run long, and a
+    # turn cut short is a truncated turn (see truncated_turn). The per-dialogue cap below
+    # bounds the whole training sequence (prompts included), not only the responses.
+    c.rollout.max_turn_tokens = 5120
     c.rollout.max_dialogue_tokens = 10240
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.unclosed_think = "pass"   # or "zero_reward"
+    # A turn cut at max_turn_tokens (counted in rollout/truncated_turns): "pass" trains it
+    # as sampled and lets the user read the cut text (the reference code's behaviour, the
+    # default); "zero_reward" ends the dialogue with reward 0; "mask" takes the cut turn
+    # out of the loss (the reward then sits on an earlier complete turn) and goes on.
+    c.rollout.truncated_turn = "pass"
 
     c.rl = ml_collections.ConfigDict()
     c.rl.algorithm = "ppo"              # ppo | grpo
@@ -97,6 +105,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.max_grad_norm = 1.0
     c.rl.weight_decay = 0.0
     c.rl.agg_mode = "token-mean"
+    # C of the `*-norm` aggregation modes (Dr.GRPO: sum of a sequence's token losses / C).
+    # 0: the configured maximum response length, rollout.max_turn_tokens in think mode (a
+    # sample is one turn) and rollout.max_dialogue_tokens without it (a sample is the whole
+    # dialogue); never the padded batch width, which changes from step to step.
+    c.rl.agg_constant = 0
     c.rl.grpo_normalize_std = True
     c.rl.whiten_advantages = False
     c.rl.logprob_chunk = 1024
@@ -118,6 +131,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.plots = True
     c.log.progress = True
     c.log.every_process = False         # multi-host: also write metrics.process<N>.jsonl
+    c.log.wandb_project = ""            # Weights & Biases project ('' = off; needs [wandb])
+    c.log.wandb_mode = "online"         # online | offline (files under WORKDIR/wandb)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0                    # 0: no evaluation during training

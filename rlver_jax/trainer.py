@@ -31,12 +31,14 @@ from flax import nnx
 
 from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
+from rlver_jax import storage
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
-from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, RolloutSummary, collate,
-                                   dialogue_record)
+from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
+                                   RolloutSummary, collate, dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
+from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
                               load_hf, load_hf_critic)
 from rlver_jax.rl import advantages as adv_lib
@@ -59,6 +61,16 @@ OPTIONAL_BOUNDS = ("delta_clamp", "end_below", "end_at_or_above", "emotion_floor
 
 
 
+def agg_constant(c: ml_collections.ConfigDict) -> float:
+    """C of the `*-norm` aggregation modes: `rl.agg_constant`, or when it is 0 the maximum
+    response length (rollout.max_turn_tokens in think mode, rollout.max_dialogue_tokens
+    without it: there one sample is the whole dialogue)."""
+    value = c.rl.get("agg_constant", 0)
+    if value:
+        return float(value)
+    return float(c.rollout.max_turn_tokens if c.rollout.think else c.rollout.max_dialogue_tokens)
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
@@ -70,6 +82,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
            f"{c.rl.algorithm!r} is not one of ('ppo', 'grpo')")
     _check(c.simulator.kind in ("llm", "rule"), "simulator.kind",
            f"{c.simulator.kind!r} is not one of ('llm', 'rule')")
+    _check(c.simulator.difficulty in sim.DIFFICULTY_PRESETS, "simulator.difficulty",
+           f"{c.simulator.difficulty!r} is not one of {tuple(sorted(sim.DIFFICULTY_PRESETS))}")
     _check(c.rollout.batch_dialogues % c.rollout.group_size == 0, "rollout.batch_dialogues",
            f"{c.rollout.batch_dialogues} is not a multiple of rollout.group_size "
            f"{c.rollout.group_size}")
@@ -81,14 +95,24 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.rl.get("agg_constant", 0) >= 0, "rl.agg_constant",
+           "must be > 0, or 0 for the maximum response length")
+    _check(c.rollout.unclosed_think in ("pass", "zero_reward"), "rollout.unclosed_think",
+           f"{c.rollout.unclosed_think!r} is not one of ('pass', 'zero_reward')")
+    _check(c.rollout.get("truncated_turn", "pass") in TRUNCATED_TURN_MODES,
+           "rollout.truncated_turn",
+           f"{c.rollout.get('truncated_turn')!r} is not one of {TRUNCATED_TURN_MODES}")
     for key in ("rules", "sampling_rules"):
         _check(c.mesh[key] in sharding_lib.RULE_PRESETS, f"mesh.{key}",
                f"{c.mesh[key]!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
     for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
         section, field = key.split(".")
         path = c[section][field]
-        if path and not os.path.isdir(path):
-            raise ConfigError(f"config.{key}: model directory not found: {path}")
+        if path and not os.path.isdir(os.path.expanduser(path)) and not looks_like_hub_id(path):
+            raise ConfigError(f"config.{key}: model directory not found: {path} (pass a local "
+                              "HF directory or a hub id such as Qwen/Qwen2.5-7B-Instruct)")
+    _check(c.log.get("wandb_mode", "online") in ("online", "offline"), "log.wandb_mode",
+           f"{c.log.get('wandb_mode')!r} is not one of ('online', 'offline')")
 
 
 def validate_process_layout(c: ml_collections.ConfigDict, processes: int,
@@ -173,17 +197,28 @@ class Trainer:
             max_turn_tokens=c.rollout.max_turn_tokens,
             max_dialogue_tokens=c.rollout.max_dialogue_tokens,
             temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-            unclosed_think=c.rollout.unclosed_think)
+            unclosed_think=c.rollout.unclosed_think,
+            truncated_turn=c.rollout.get("truncated_turn", "pass"))
         self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
         self._prepare = jax.jit(self._prepare_impl)
         self.rollout = DialogueRollout(self.tokenizer, self.user, self.sim_settings,
                                        self.rollout_settings, self.policy_sampler)
 
     # ---------------------------------------------------------------- components
+    def _model_dir(self, key: str) -> str:
+        """The local directory of config `key` (section.hf_dir): a hub id is resolved
+        through the Hugging Face cache."""
+        section, field = key.split(".")
+        try:
+            return resolve_model_dir(self.config[section][field], what=f"config.{key}")
+        except ModelSourceError as e:
+            raise ConfigError(str(e)) from e
+
     def _build_models(self) -> None:
         c, tok = self.config, self.tokenizer
         if c.policy.hf_dir:
-            self.policy_config, policy = load_hf(c.policy.hf_dir, c.policy.dtype, self.mesh,
+            self.policy_config, policy = load_hf(self._model_dir("policy.hf_dir"),
+                                                 c.policy.dtype, self.mesh,
                                                  self.rules, remat=c.policy.remat)
         else:
             self.policy_config = _model_config(c.policy, tok, "policy")
@@ -193,7 +228,7 @@ class Trainer:
         if self.ppo:
             if c.critic.hf_dir:
                 self.critic_config, critic = load_hf_critic(
-                    c.critic.hf_dir, c.critic.dtype, self.mesh, self.rules,
+                    self._model_dir("critic.hf_dir"), c.critic.dtype, self.mesh, self.rules,
                     remat=c.policy.remat)
             else:
                 critic = critic_from_policy(policy)
@@ -202,7 +237,8 @@ class Trainer:
         self.reference_params = None
         if self.kl_on:
             if c.reference.hf_dir:
-                _, ref = load_hf(c.reference.hf_dir, c.policy.dtype, self.mesh, self.rules)
+                _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype,
+                                 self.mesh, self.rules)
                 self.reference_params = nnx.state(ref, nnx.Param)
             else:
                 self.reference_params = jax.tree.map(jnp.copy, nnx.state(policy, nnx.Param))
@@ -217,8 +253,8 @@ class Trainer:
                    else self.tokenizer)
         # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
-            _, sim_model = load_hf(c.simulator.hf_dir, c.simulator.dtype, self.mesh,
-                                   self.sampling_rules)
+            _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype,
+                                   self.mesh, self.sampling_rules)
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
             sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,
@@ -239,6 +275,7 @@ class Trainer:
             dual_clip=rl.dual_clip or None, value_clip=rl.value_clip or None,
             entropy_coef=rl.entropy_coef, kl_loss_coef=rl.kl_loss_coef,
             kl_loss_kind=rl.kl_loss_kind, agg_mode=rl.agg_mode,
+            constant_normaliser=agg_constant(self.config),
             micro_batch_size=rl.micro_batch_size, logprob_chunk=rl.logprob_chunk,
             temperature=self.config.rollout.temperature or 1.0)
 
@@ -498,14 +535,17 @@ class Trainer:
         from rlver_jax.checkpoint import Checkpointer, PreemptionGuard
 
         c = self.config
-        os.makedirs(self.workdir, exist_ok=True)
-        checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+        storage.makedirs(self.workdir)
+        checkpointer = Checkpointer(storage.join(self.workdir, "checkpoints"),
                                     save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                     async_save=c.checkpoint.async_save)
         start = self._restore(checkpointer)
         if self.is_main:
             writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
-                                  tensorboard=c.log.tensorboard, progress=c.log.progress)
+                                  tensorboard=c.log.tensorboard, progress=c.log.progress,
+                                  wandb_project=c.log.get("wandb_project", ""),
+                                  wandb_mode=c.log.get("wandb_mode", "online"),
+                                  run_config=json.loads(json.dumps(c.to_dict(), default=str)))
         else:
             writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
                                   tensorboard=False, progress=False,
@@ -514,8 +554,8 @@ class Trainer:
         if start:
             writer.log(f"resumed from step {start} in {self.workdir}")
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(c.to_dict(), f, indent=2, default=str)
+            storage.write_text(storage.join(self.workdir, "config.json"),
+                               json.dumps(c.to_dict(), indent=2, default=str))
         history = []
         bad_in_a_row = 0
         try:
@@ -561,32 +601,32 @@ class Trainer:
         n = self.config.log.dialogues_per_step
         if not self.is_main or n <= 0:
             return
-        with open(os.path.join(self.workdir, "dialogues.jsonl"), "a", encoding="utf-8") as f:
-            for st in self._last_rollout.dialogues[:n]:
-                f.write(json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n")
+        storage.append_text(storage.join(self.workdir, "dialogues.jsonl"), "".join(
+            json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n"
+            for st in self._last_rollout.dialogues[:n]))
 
     def _plots(self) -> None:
         from rlver_jax import plots
         from rlver_jax.metrics import read_metrics
-        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-        if not os.path.exists(metrics_path):
+        metrics_path = storage.join(self.workdir, "metrics.jsonl")
+        if not storage.path(metrics_path).exists():
             return
         records = read_metrics(metrics_path)
+        plot_dir = storage.join(self.workdir, "plots")
         if records:
-            plots.plot_training_curves(records, os.path.join(self.workdir, "plots",
-                                                             "training_curves.png"))
-        log = os.path.join(self.workdir, "dialogues.jsonl")
-        if os.path.exists(log):
-            with open(log, encoding="utf-8") as f:
-                dialogues = [json.loads(line) for line in f if line.strip()]
+            plots.plot_training_curves(records, storage.join(plot_dir, "training_curves.png"))
+        log = storage.path(storage.join(self.workdir, "dialogues.jsonl"))
+        if log.exists():
+            dialogues = [json.loads(line) for line in log.read_text().splitlines()
+                         if line.strip()]
             last_step = dialogues[-1]["step"] if dialogues else None
             recent = [d for d in dialogues if d["step"] == last_step]
             first = [d for d in dialogues if d["step"] == dialogues[0]["step"]]
             plots.plot_emotion_trajectories(
-                first, os.path.join(self.workdir, "plots", "emotion_first_step.png"),
+                first, storage.join(plot_dir, "emotion_first_step.png"),
                 title=f"Emotion per turn, step {dialogues[0]['step']}")
             plots.plot_emotion_trajectories(
-                recent, os.path.join(self.workdir, "plots", "emotion_last_step.png"),
+                recent, storage.join(plot_dir, "emotion_last_step.png"),
                 title=f"Emotion per turn, step {last_step}")
 
     def evaluate_during_training(self, step: int) -> dict[str, float]:

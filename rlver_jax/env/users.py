@@ -269,7 +269,7 @@ class LLMUser:
             if drop > max(len(history) - 1, 0):
                 return None
             return sim.render_analyzer_prompt(st.profile, history[drop:], replies[i],
-                                              st.emotion, self.settings)
+                                              st.emotion, self.settings, think=st.think)
 
         attempts, decisions = self._with_retries("analyzer", states, render,
                                                  self.sampling.max_analyzer_tokens, seed,
@@ -290,7 +290,8 @@ class LLMUser:
             if drop > max(len(st.history) - MESSAGES_PER_TURN, 0):
                 return None
             return sim.render_actor_prompt(st.profile, st.history[drop:], analyses[i].text,
-                                           sim.emotion_level(st.emotion), self.settings)
+                                           sim.emotion_level(st.emotion), self.settings,
+                                           think=st.think)
 
         langs = [sim.resolve_language(s.profile, self.settings) for s in states]
         _, decisions = self._with_retries("actor", states, render,

@@ -726,9 +726,12 @@ def test_simulator_cache_reuse_changes_no_greedy_output(models, tok, profiles):
     retries rolled back to their prompt, the group's head forked, the oldest turn dropped at
     the prompt cap) gives the same analyzer texts, user replies and emotions as
     re-prefilling every prompt, dialogue by dialogue, while the other dialogue has ended.
-    The cap (1400 tokens) truncates one analyzer prompt of the second turn."""
-    runs = {reuse: _simulator_run(models, tok, profiles[:1], reuse=reuse,
-                                  max_prompt_tokens=1400) for reuse in (True, False)}
+    A short persona keeps the prompts (and the test) small; the cap (850 tokens) truncates
+    one analyzer prompt of the second turn."""
+    from tests.scripted_user import tagged_profile
+
+    runs = {reuse: _simulator_run(models, tok, [tagged_profile("a")], reuse=reuse,
+                                  max_prompt_tokens=850) for reuse in (True, False)}
     on, off = runs[True], runs[False]
     assert [(st.turns, st.done_reason) for st in on.dialogues] == [(2, "turn_limit"),
                                                                    (1, "format")]
@@ -746,7 +749,8 @@ def test_simulator_cache_reuse_changes_no_greedy_output(models, tok, profiles):
     assert m_off["rollout/simulator_reused_tokens"] == 0
     assert (m_on["rollout/simulator_prefill_tokens"] + m_on["rollout/simulator_reused_tokens"]
             == total)
-    assert m_on["rollout/simulator_reused_tokens"] >= 0.6 * total
+    # Short heads and two turns: about 3/5 reused here (2/3 with the shipped profiles).
+    assert m_on["rollout/simulator_reused_tokens"] >= 0.5 * total
     assert m_on["rollout/simulator_tokens"] == m_off["rollout/simulator_tokens"] > 0
 
 

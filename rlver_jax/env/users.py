@@ -6,8 +6,9 @@ parse retries (new seed) for the rows that failed. It keeps the KV cache of both
 (two streams) per dialogue row, keyed by dialogue id: the prompts put what never changes
 first and the transcript only grows, so each call prefills only the new transcript lines
 and the per-turn tail; a retry rolls back to the end of its prompt; the rows of a GRPO
-group share one prefill of their common head (`Sampler.fork_groups`). `RuleUser` wraps the TOY `rule` judge
-(lexicon scoring, template replies) behind the same interface for CPU demos and tests.
+group share one prefill of their common head (`Sampler.fork_groups`). `RuleUser` wraps
+the TOY `rule` judge (lexicon scoring, template replies) behind the same interface for CPU
+demos and tests.
 
 Both return, per dialogue, an `Analysis` (the emotion change to apply) and then a user
 message; they never modify dialogue state (the rollout does the bookkeeping).

@@ -39,6 +39,7 @@ from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.models import (Qwen2, Qwen2Config, compute_dtype_copy, create_model,
                               critic_from_policy, get_preset, load_hf, load_hf_critic)
+from rlver_jax.models.config import DTYPES
 from rlver_jax.models.hf_io import stored_dtype
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import losses
@@ -82,6 +83,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.rl.tis_cap >= 0, "rl.tis_cap", "must be 0 (off) or > 0")
+    for section in ("policy", "critic", "simulator"):
+        for field in ("dtype", "param_dtype"):
+            value = c[section].get(field)
+            _check(value is None or value in DTYPES, f"{section}.{field}",
+                   f"{value!r} is not one of {DTYPES}")
     for key in ("rules", "sampling_rules"):
         _check(c.mesh[key] in sharding_lib.RULE_PRESETS, f"mesh.{key}",
                f"{c.mesh[key]!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")

@@ -201,6 +201,19 @@ def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("key,value,needle", [
+    ("policy.param_dtype", "float8", "config.policy.param_dtype"),
+    ("rl.tis_cap", -1.0, "config.rl.tis_cap"),
+])
+def test_bad_numerics_values_name_the_key(key, value, needle):
+    from rlver_jax.trainer import validate_config
+    c = small_config(1)
+    section, field = key.split(".")
+    c[section][field] = value
+    with pytest.raises(ConfigError, match=needle):
+        validate_config(c)
+
+
 def test_empty_profile_file_names_the_file(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

@@ -127,14 +127,25 @@ def _read_config(path: str, dtype: str, param_dtype: str | None = None,
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF model directory not found: {path}")
-    return Qwen2Config.from_json_file(
-        os.path.join(path, "config.json"),
-        **{"param_dtype": param_dtype or dtype, "dtype": dtype, **overrides})
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointFormatError(f"{path}: no config.json (not an HF model directory)")
+    try:
+        return Qwen2Config.from_json_file(config_path,
+                                          **{"param_dtype": param_dtype or dtype, "dtype": dtype,
+                                             **overrides})
+    except KeyError as e:  # a missing key; its message already names the file
+        raise CheckpointFormatError(str(e.args[0]) if e.args else str(e)) from e
+    except (ValueError, TypeError, NotImplementedError, UnicodeDecodeError) as e:
+        text = str(e)
+        raise CheckpointFormatError(text if config_path in text else f"{config_path}: {text}"
+                                    ) from e
 
 
 def stored_dtype(path: str | os.PathLike) -> str:
     """The dtype an HF directory's weights are stored in (its config.json's `dtype` /
     `torch_dtype`; float32 when it names none): what an export defaults to."""
+    _read_config(path, "float32")  # the clear errors of a malformed directory
     return Qwen2Config.from_json_file(os.path.join(os.fspath(path), "config.json")).param_dtype
 
 

@@ -210,8 +210,8 @@ class Trainer:
         validate_process_layout(c, jax.process_count(), self.multiprocess)
         self.ppo = c.rl.algorithm == "ppo"
         self.kl_on = bool(c.rl.kl_loss_coef or c.rl.kl_reward_coef)
-        # Unset: on for PPO, off for GRPO (configs/base.py says where each default is from).
         self._restore_notes: list[str] = []
+        # Unset: on for PPO, off for GRPO (configs/base.py says where each default is from).
         self.whiten_advantages = (self.ppo if c.rl.whiten_advantages is None
                                   else bool(c.rl.whiten_advantages))
 

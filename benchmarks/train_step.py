@@ -1,6 +1,6 @@
 """Update-step throughput: our jitted policy step vs torch forward + backward, same batch.
 
-    python -m benchmarks.train_step --quick        # small-100m, batch 2, T 128/256/512, ~3 min
+    python -m benchmarks.train_step --quick        # small-100m, batch 2, T 128/512, 3 rounds
     python -m benchmarks.train_step --preset small-100m --batch 8 --length 128 256 512 1024 2048
     python -m benchmarks.train_step --preset qwen2.5-7b --dtype bfloat16 --peer none   # a GPU
     # float32 masters + bf16 compute (the trainer's default numerics) beside all-float32:
@@ -20,11 +20,16 @@ against the cheaper torch program: the ratio is conservative.
 Numerics: `--dtype` lists compute dtypes and `--param_dtype` the master-weight dtype (default:
 each row's compute dtype). With `--param_dtype float32 --dtype float32 bfloat16` the rows
 are all-float32 and float32 masters + bf16 compute (Adam moments and gradients follow the
-masters: float32), interleaved per shape; the peer then runs its float32 model under
-`torch.autocast(bfloat16)` (AMP, torch's counterpart of the same numerics).
+masters: float32); every numerics' step (and its peer) runs in the same interleaved rounds.
+The peer runs its float32 model under `torch.autocast(bfloat16)` (AMP, torch's counterpart
+of the same numerics) for the mixed rows.
 
 Reported per configuration:
-  tokens_per_s / peer_tokens_per_s   B * T / median warm step time; `ratio` = ours / peer.
+  tokens_per_s / peer_tokens_per_s   B * T / median warm step time; `ratio` = ours / peer;
+                                     ours and the peer's forward + backward run interleaved
+                                     (ours, peer, ours, ...) for `--repeats` rounds: `timing`
+                                     holds each side's spread, `ratio_min` / `ratio_max` the
+                                     rounds'.
   compile_s                          first call's extra time (trace + XLA compile).
   memory                             our compiled program's argument / output / temp bytes
                                      (XLA memory analysis); peak RSS of the process (CPU) or
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import time
 
 from benchmarks import common
@@ -71,14 +77,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="master-weight dtype (default: each row's compute dtype)")
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--length", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--logprob_chunk", type=int, default=1024,
                    help="UpdateSettings.logprob_chunk (LM-head chunk length)")
     p.add_argument("--remat", default="none", help="model remat policy (none/full/dots)")
     p.add_argument("--peer", default="transformers", choices=("transformers", "none"))
     p.add_argument("--torch_threads", type=int, default=None)
     p.add_argument("--quick", action="store_true",
-                   help="small-100m, batch 2, lengths 128/256/512, one repeat")
+                   help="small-100m, batch 2, lengths 128/512, 3 rounds")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--plot", default=None,
                    help=f"PNG path (default: <results_dir>/{PLOT_NAME}; 'none' to skip)")
@@ -86,8 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         # small-100m only: tiny's step is all overhead, and every new shape costs a compile.
+        # 128 and 512 (the target length): each length is one more ~30 s compile.
         args.preset, args.batch, args.length, args.repeats = (["small-100m"], [2],
-                                                              [128, 256, 512], 1)
+                                                              [128, 512], 3)
+    common.check_repeats(p, args.repeats)
     return args
 
 
@@ -150,11 +158,9 @@ def _memory_analysis(updater, state, batch) -> dict | None:
             for k in ("argument", "output", "temp", "generated_code", "alias")}
 
 
-def _time_ours(updater, state, batch, repeats):
-    """(first call s, median warm step s, final state, compilations while timing).
-
-    The step donates its state; the caller must use the returned one.
-    """
+def _ours_step(updater, state, batch):
+    """(first call s, warm step fn, holder of the current state). The step donates its
+    state: `holder[0]` is the live one after any call."""
     import jax
 
     # Commit the state to its devices: a fresh (uncommitted) state and the step's committed
@@ -171,9 +177,7 @@ def _time_ours(updater, state, batch, repeats):
     first = time.perf_counter() - t0
     if not all(bool(jax.numpy.isfinite(v)) for v in jax.tree.leaves(metrics)):
         raise RuntimeError(f"non-finite update metrics: {metrics}")
-    with CompileCounter() as compiles:
-        t = common.median_time(step, repeats)
-    return first, t, holder[0], compiles.count
+    return first, step, holder
 
 
 # ------------------------------------------------------------------------------ peer
@@ -182,9 +186,9 @@ def _peer_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _time_peer(peer, ids_np, repeats, autocast_dtype: str | None = None) -> dict:
-    """Median warm forward + backward s, AdamW step s, and peak CUDA bytes (if any).
-    `autocast_dtype`: compute under `torch.autocast` (AMP) in that dtype."""
+def _peer_calls(peer, ids_np, autocast_dtype: str | None = None):
+    """(warm forward + backward fn, sync) of the torch twin; `autocast_dtype`: computed
+    under `torch.autocast` (AMP) in that dtype."""
     import contextlib
 
     import numpy as np
@@ -210,7 +214,13 @@ def _time_peer(peer, ids_np, repeats, autocast_dtype: str | None = None) -> dict
     loss = fwd_bwd()  # warm-up: allocator, oneDNN primitive caches
     if not torch.isfinite(loss):
         raise RuntimeError("peer loss is not finite")
-    t = common.median_time(fwd_bwd, repeats)
+    return fwd_bwd, sync
+
+
+def _time_peer_optimizer(peer, sync, repeats) -> dict:
+    """Median AdamW step s (after a forward + backward left gradients) and peak CUDA bytes."""
+    import torch
+
     # Learning rate 0: the weights stay those of our twin for the next configuration.
     opt = torch.optim.AdamW(peer.parameters(), lr=0.0)
 
@@ -222,8 +232,9 @@ def _time_peer(peer, ids_np, repeats, autocast_dtype: str | None = None) -> dict
     t_opt = common.median_time(opt_step, max(repeats, 2))
     del opt
     peer.zero_grad(set_to_none=True)
+    device = _peer_device()
     mem = int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
-    return {"step_s": t, "optimizer_s": t_opt, "device_memory_bytes": mem}
+    return {"optimizer_s": t_opt, "device_memory_bytes": mem}
 
 
 # ------------------------------------------------------------------------------- run
@@ -243,7 +254,7 @@ def _with_numerics(model, param_dtype: str, dtype: str, remat: str):
 
 def _run_preset(args, preset: str, machine: dict) -> list[dict]:
     records = []
-    # One twin per master dtype; rows of the same masters are interleaved per shape.
+    # One twin per master dtype; its numerics (compute dtypes) share the timing rounds.
     for param_dtype in dict.fromkeys(args.param_dtype or d for d in args.dtype):
         dtypes = [d for d in args.dtype if (args.param_dtype or d) == param_dtype]
         records += _run_twin(args, preset, machine, param_dtype, dtypes)
@@ -259,8 +270,7 @@ def _run_twin(args, preset: str, machine: dict, param_dtype: str, dtypes: list[s
     from rlver_jax.rl.update import UpdateSettings, Updater, make_optimizer
 
     with_peer = args.peer == "transformers"
-    config, twin, peer = common.build_twin_models(preset, dtype=param_dtype,
-                                                  with_peer=with_peer)
+    _, twin, peer = common.build_twin_models(preset, dtype=param_dtype, with_peer=with_peer)
     if peer is not None:
         peer = peer.train().to(_peer_device())
     settings = UpdateSettings(entropy_coef=0.0, logprob_chunk=args.logprob_chunk)
@@ -275,54 +285,71 @@ def _run_twin(args, preset: str, machine: dict, param_dtype: str, dtypes: list[s
     device_kind = machine["device_kind"]
     peak = peak_flops(device_kind) if machine["backend"] != "cpu" else None
     records = []
-    for batch, length, dtype in ((b, n, d) for b in args.batch for n in args.length
-                                 for d in dtypes):
-        config, updater = configs[dtype], updaters[dtype]
-        ids = np.asarray(common.random_prompts(batch, length, config.vocab_size,
-                                               seed=batch * 131 + length), np.int32)
-        train_batch = _train_batch(jnp.asarray(ids))
-        first, t, states[dtype], recompiles = _time_ours(updater, states[dtype],
-                                                         train_batch, args.repeats)
-        memory = _memory_analysis(updater, states[dtype], train_batch)
-        flops = step_flops(config, batch, length)
-        achieved = flops / t
-        measured = matmul_rate(dtype)
-        record = common.base_record(
-            "train_step", {"preset": preset, "batch": batch, "prompt_len": length,
-                           "new_tokens": 0, "dtype": dtype, "param_dtype": param_dtype,
-                           "remat": args.remat, "logprob_chunk": args.logprob_chunk},
-            machine)
-        record.update(
-            tokens_per_s=batch * length / t, step_s=t, compile_s=max(first - t, 0.0),
-            peer=None, peer_tokens_per_s=None, ratio=None, memory=memory,
-            compiles_while_timing=recompiles,
-            roofline={"flops_per_step": flops, "achieved_flops_per_s": achieved,
-                      "matmul_flops_per_s": measured,
-                      "roofline_fraction": achieved / measured,
-                      "peak_flops_per_s": peak,
-                      "mfu": achieved / peak if peak else None})
-        if peer is not None:
-            p = _time_peer(peer, ids, args.repeats,
-                           autocast_dtype=dtype if dtype != param_dtype else None)
-            record.update(
-                peer=common.peer_name(), peer_tokens_per_s=batch * length / p["step_s"],
-                peer_step_s=p["step_s"], peer_optimizer_s=p["optimizer_s"],
-                peer_with_optimizer_tokens_per_s=batch * length
-                / (p["step_s"] + p["optimizer_s"]),
-                peer_device_memory_bytes=p["device_memory_bytes"],
-                ratio=p["step_s"] / t,
-                ratio_with_optimizer=(p["step_s"] + p["optimizer_s"]) / t)
-        record["peak_rss_bytes"] = common.peak_rss_bytes()
-        record["device_memory_bytes"] = common.device_memory_bytes()
-        print(f"train_step {preset} B={batch} T={length} {param_dtype} masters, {dtype} "
-              "compute: "
-              f"{common.fmt_rate(record['tokens_per_s'])} tok/s "
-              f"({t:.3f} s), peer {common.fmt_rate(record['peer_tokens_per_s'])} tok/s, "
-              f"ratio {record['ratio'] or float('nan'):.2f}, "
-              f"{achieved / 1e9:.1f} GFLOP/s ({achieved / measured:.0%} of matmul rate), "
-              f"compile {record['compile_s']:.1f}s", flush=True)
-        records.append(record)
-    del states, updaters, peer
+    for batch in args.batch:
+        for length in args.length:
+            vocab = configs[dtypes[0]].vocab_size
+            ids = np.asarray(common.random_prompts(batch, length, vocab,
+                                                   seed=batch * 131 + length), np.int32)
+            train_batch = _train_batch(jnp.asarray(ids))
+            fns, firsts, holders = {}, {}, {}
+            for dtype in dtypes:
+                firsts[dtype], fns[f"ours_{dtype}"], holders[dtype] = _ours_step(
+                    updaters[dtype], states[dtype], train_batch)
+                if peer is not None:
+                    fns[f"peer_{dtype}"], sync = _peer_calls(
+                        peer, ids, autocast_dtype=dtype if dtype != param_dtype else None)
+            with CompileCounter() as compiles:
+                # Interleaved rounds: ours (each numerics), peer (forward + backward), ...
+                times = common.time_interleaved(fns, args.repeats)
+            peer_opt = (_time_peer_optimizer(peer, sync, args.repeats) if peer is not None
+                        else None)
+            for dtype in dtypes:
+                config, updater = configs[dtype], updaters[dtype]
+                states[dtype] = holders[dtype][0]
+                side = {"ours": times[f"ours_{dtype}"]}
+                if peer is not None:
+                    side["peer"] = times[f"peer_{dtype}"]
+                t = statistics.median(side["ours"])
+                memory = _memory_analysis(updater, states[dtype], train_batch)
+                flops = step_flops(config, batch, length)
+                achieved = flops / t
+                measured = matmul_rate(dtype)
+                record = common.base_record(
+                    "train_step", {"preset": preset, "batch": batch, "prompt_len": length,
+                                   "new_tokens": 0, "dtype": dtype, "param_dtype": param_dtype,
+                                   "remat": args.remat, "logprob_chunk": args.logprob_chunk},
+                    machine)
+                record.update(
+                    tokens_per_s=batch * length / t, step_s=t,
+                    compile_s=max(firsts[dtype] - t, 0.0),
+                    peer=None, peer_tokens_per_s=None, ratio=None, memory=memory,
+                    compiles_while_timing=compiles.count,
+                    roofline={"flops_per_step": flops, "achieved_flops_per_s": achieved,
+                              "matmul_flops_per_s": measured,
+                              "roofline_fraction": achieved / measured,
+                              "peak_flops_per_s": peak,
+                              "mfu": achieved / peak if peak else None})
+                record.update(common.timing_fields(side))
+                if peer is not None:
+                    p = {"step_s": statistics.median(side["peer"]), **peer_opt}
+                    record.update(
+                        peer=common.peer_name(),
+                        peer_tokens_per_s=batch * length / p["step_s"],
+                        peer_step_s=p["step_s"], peer_optimizer_s=p["optimizer_s"],
+                        peer_with_optimizer_tokens_per_s=batch * length
+                        / (p["step_s"] + p["optimizer_s"]),
+                        peer_device_memory_bytes=p["device_memory_bytes"],
+                        ratio_with_optimizer=(p["step_s"] + p["optimizer_s"]) / t)
+                record["peak_rss_bytes"] = common.peak_rss_bytes()
+                record["device_memory_bytes"] = common.device_memory_bytes()
+                print(f"train_step {preset} B={batch} T={length} {param_dtype} masters, "
+                      f"{dtype} compute: {common.fmt_rate(record['tokens_per_s'])} tok/s "
+                      f"({t:.3f} s), peer {common.fmt_rate(record['peer_tokens_per_s'])} "
+                      f"tok/s, ratio {record['ratio'] or float('nan'):.2f}, "
+                      f"{achieved / 1e9:.1f} GFLOP/s ({achieved / measured:.0%} of matmul "
+                      f"rate), compile {record['compile_s']:.1f}s", flush=True)
+                records.append(record)
+    del states, updaters, holders, peer
     jax.clear_caches()
     return records
 

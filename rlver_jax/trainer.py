@@ -31,12 +31,14 @@ from flax import nnx
 
 from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
+from rlver_jax import storage
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
 from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
                                    RolloutSummary, collate, dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
+from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
 from rlver_jax.models import (Qwen2, Qwen2Config, compute_dtype_copy, create_model,
                               critic_from_policy, get_preset, load_hf, load_hf_critic)
 from rlver_jax.models.config import DTYPES
@@ -114,8 +116,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
         section, field = key.split(".")
         path = c[section][field]
-        if path and not os.path.isdir(path):
-            raise ConfigError(f"config.{key}: model directory not found: {path}")
+        if path and not os.path.isdir(os.path.expanduser(path)) and not looks_like_hub_id(path):
+            raise ConfigError(f"config.{key}: model directory not found: {path} (pass a local "
+                              "HF directory or a hub id such as Qwen/Qwen2.5-7B-Instruct)")
+    _check(c.log.get("wandb_mode", "online") in ("online", "offline"), "log.wandb_mode",
+           f"{c.log.get('wandb_mode')!r} is not one of ('online', 'offline')")
 
 
 def validate_process_layout(c: ml_collections.ConfigDict, processes: int,
@@ -233,15 +238,25 @@ class Trainer:
                                        self.rollout_settings, self.policy_sampler)
 
     # ---------------------------------------------------------------- components
+    def _model_dir(self, key: str) -> str:
+        """The local directory of config `key` (section.hf_dir): a hub id is resolved
+        through the Hugging Face cache."""
+        section, field = key.split(".")
+        try:
+            return resolve_model_dir(self.config[section][field], what=f"config.{key}")
+        except ModelSourceError as e:
+            raise ConfigError(str(e)) from e
+
     def _build_models(self) -> None:
         c, tok = self.config, self.tokenizer
         # Trained models keep float32 masters (`param_dtype`) and compute in `dtype`; the
         # export dtype is the one the weights came in.
         if c.policy.hf_dir:
-            self.policy_config, policy = load_hf(c.policy.hf_dir, c.policy.dtype, self.mesh,
+            policy_dir = self._model_dir("policy.hf_dir")
+            self.policy_config, policy = load_hf(policy_dir, c.policy.dtype, self.mesh,
                                                  self.rules, param_dtype=_param_dtype(c.policy),
                                                  remat=c.policy.remat)
-            self.policy_export_dtype = stored_dtype(c.policy.hf_dir)
+            self.policy_export_dtype = stored_dtype(policy_dir)
         else:
             self.policy_config = _model_config(c.policy, tok, "policy")
             policy = create_model(self.policy_config, c.seed, mesh=self.mesh, rules=self.rules)
@@ -250,10 +265,11 @@ class Trainer:
         critic = None
         if self.ppo:
             if c.critic.hf_dir:
+                critic_dir = self._model_dir("critic.hf_dir")
                 self.critic_config, critic = load_hf_critic(
-                    c.critic.hf_dir, c.critic.dtype, self.mesh, self.rules,
+                    critic_dir, c.critic.dtype, self.mesh, self.rules,
                     param_dtype=_param_dtype(c.critic), remat=c.policy.remat)
-                self.critic_export_dtype = stored_dtype(c.critic.hf_dir)
+                self.critic_export_dtype = stored_dtype(critic_dir)
             else:
                 self.critic_config = self.policy_config.replace(
                     dtype=c.critic.dtype, param_dtype=_param_dtype(c.critic))
@@ -264,7 +280,8 @@ class Trainer:
         if self.kl_on:
             # Never trained: held in the policy's compute dtype.
             if c.reference.hf_dir:
-                _, ref = load_hf(c.reference.hf_dir, c.policy.dtype, self.mesh, self.rules)
+                _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype,
+                                 self.mesh, self.rules)
                 self.reference_params = nnx.state(ref, nnx.Param)
             else:
                 self.reference_params = nnx.state(compute_dtype_copy(policy), nnx.Param)
@@ -281,8 +298,8 @@ class Trainer:
                    else self.tokenizer)
         # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
-            _, sim_model = load_hf(c.simulator.hf_dir, c.simulator.dtype, self.mesh,
-                                   self.sampling_rules)
+            _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype,
+                                   self.mesh, self.sampling_rules)
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
             sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,
@@ -587,14 +604,17 @@ class Trainer:
         from rlver_jax.checkpoint import Checkpointer, PreemptionGuard
 
         c = self.config
-        os.makedirs(self.workdir, exist_ok=True)
-        checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+        storage.makedirs(self.workdir)
+        checkpointer = Checkpointer(storage.join(self.workdir, "checkpoints"),
                                     save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                     async_save=c.checkpoint.async_save)
         start = self._restore(checkpointer)
         if self.is_main:
             writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
-                                  tensorboard=c.log.tensorboard, progress=c.log.progress)
+                                  tensorboard=c.log.tensorboard, progress=c.log.progress,
+                                  wandb_project=c.log.get("wandb_project", ""),
+                                  wandb_mode=c.log.get("wandb_mode", "online"),
+                                  run_config=json.loads(json.dumps(c.to_dict(), default=str)))
         else:
             writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
                                   tensorboard=False, progress=False,
@@ -605,8 +625,8 @@ class Trainer:
             for note in self._restore_notes:
                 writer.log(note)
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(c.to_dict(), f, indent=2, default=str)
+            storage.write_text(storage.join(self.workdir, "config.json"),
+                               json.dumps(c.to_dict(), indent=2, default=str))
         history = []
         bad_in_a_row = 0
         try:
@@ -652,32 +672,32 @@ class Trainer:
         n = self.config.log.dialogues_per_step
         if not self.is_main or n <= 0:
             return
-        with open(os.path.join(self.workdir, "dialogues.jsonl"), "a", encoding="utf-8") as f:
-            for st in self._last_rollout.dialogues[:n]:
-                f.write(json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n")
+        storage.append_text(storage.join(self.workdir, "dialogues.jsonl"), "".join(
+            json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n"
+            for st in self._last_rollout.dialogues[:n]))
 
     def _plots(self) -> None:
         from rlver_jax import plots
         from rlver_jax.metrics import read_metrics
-        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-        if not os.path.exists(metrics_path):
+        metrics_path = storage.join(self.workdir, "metrics.jsonl")
+        if not storage.path(metrics_path).exists():
             return
         records = read_metrics(metrics_path)
+        plot_dir = storage.join(self.workdir, "plots")
         if records:
-            plots.plot_training_curves(records, os.path.join(self.workdir, "plots",
-                                                             "training_curves.png"))
-        log = os.path.join(self.workdir, "dialogues.jsonl")
-        if os.path.exists(log):
-            with open(log, encoding="utf-8") as f:
-                dialogues = [json.loads(line) for line in f if line.strip()]
+            plots.plot_training_curves(records, storage.join(plot_dir, "training_curves.png"))
+        log = storage.path(storage.join(self.workdir, "dialogues.jsonl"))
+        if log.exists():
+            dialogues = [json.loads(line) for line in log.read_text().splitlines()
+                         if line.strip()]
             last_step = dialogues[-1]["step"] if dialogues else None
             recent = [d for d in dialogues if d["step"] == last_step]
             first = [d for d in dialogues if d["step"] == dialogues[0]["step"]]
             plots.plot_emotion_trajectories(
-                first, os.path.join(self.workdir, "plots", "emotion_first_step.png"),
+                first, storage.join(plot_dir, "emotion_first_step.png"),
                 title=f"Emotion per turn, step {dialogues[0]['step']}")
             plots.plot_emotion_trajectories(
-                recent, os.path.join(self.workdir, "plots", "emotion_last_step.png"),
+                recent, storage.join(plot_dir, "emotion_last_step.png"),
                 title=f"Emotion per turn, step {last_step}")
 
     def evaluate_during_training(self, step: int) -> dict[str, float]:

@@ -21,10 +21,13 @@ def get_config() -> ml_collections.ConfigDict:
     c.policy.hf_dir = ""                # local HF directory with real weights
     c.policy.dtype = "bfloat16"
     c.policy.remat = "full"
+    # Attention implementation per model (models/attention.py): "auto" picks per backend.
+    c.policy.attention = "auto"
 
     c.critic = ml_collections.ConfigDict()
     c.critic.hf_dir = ""                # empty: initialise from the policy weights
     c.critic.dtype = "bfloat16"
+    c.critic.attention = "auto"
 
     c.reference = ml_collections.ConfigDict()
     c.reference.hf_dir = ""             # empty: the initial policy; built only for a KL term
@@ -35,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.hf_dir = ""
     c.simulator.tokenizer = ""          # empty: the policy tokenizer
     c.simulator.dtype = "bfloat16"
+    c.simulator.attention = "auto"
     c.simulator.difficulty = "hard"     # sage | hard | strict
     # Individual knobs override the difficulty preset (env/simulator.py SimulatorSettings);
     # unset (None) keeps the preset's value; -1 turns an optional bound off. E.g.

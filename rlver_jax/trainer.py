@@ -37,6 +37,7 @@ from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, RolloutSumm
                                    dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
+from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
                               load_hf, load_hf_critic)
 from rlver_jax.rl import advantages as adv_lib
@@ -128,6 +129,15 @@ def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = No
         raise ConfigError(f"config.simulator: {e}") from e
 
 
+def _attention(section, name: str) -> str:
+    """The section's attention implementation (models/attention.py), checked."""
+    value = section.get("attention", "auto")
+    if value not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config.{name}.attention={value!r}: expected one of "
+                          f"{ATTENTION_IMPLEMENTATIONS}")
+    return value
+
+
 def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
     cfg = get_preset(section.preset)
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -135,6 +145,7 @@ def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
                           f"{cfg.vocab_size}, smaller than the tokenizer's {tokenizer.vocab_size}")
     return cfg.replace(param_dtype=section.dtype, dtype=section.dtype,
                        remat=section.get("remat", "none"),
+                       attention=_attention(section, seed_name),
                        eos_token_id=tokenizer.im_end_id, bos_token_id=None)
 
 
@@ -185,7 +196,8 @@ class Trainer:
         c, tok = self.config, self.tokenizer
         if c.policy.hf_dir:
             self.policy_config, policy = load_hf(c.policy.hf_dir, c.policy.dtype, self.mesh,
-                                                 self.rules, remat=c.policy.remat)
+                                                 self.rules, remat=c.policy.remat,
+                                                 attention=_attention(c.policy, "policy"))
         else:
             self.policy_config = _model_config(c.policy, tok, "policy")
             policy = create_model(self.policy_config, c.seed, mesh=self.mesh, rules=self.rules)
@@ -195,7 +207,7 @@ class Trainer:
             if c.critic.hf_dir:
                 self.critic_config, critic = load_hf_critic(
                     c.critic.hf_dir, c.critic.dtype, self.mesh, self.rules,
-                    remat=c.policy.remat)
+                    remat=c.policy.remat, attention=_attention(c.critic, "critic"))
             else:
                 critic = critic_from_policy(policy)
                 self.critic_config = self.policy_config
@@ -219,7 +231,8 @@ class Trainer:
         # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
             _, sim_model = load_hf(c.simulator.hf_dir, c.simulator.dtype, self.mesh,
-                                   self.sampling_rules)
+                                   self.sampling_rules,
+                                   attention=_attention(c.simulator, "simulator"))
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
             sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,

@@ -33,8 +33,8 @@ import jax.numpy as jnp
 from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 from rlver_jax.models.config import MASK_VALUE  # finite: masked logits never give inf - inf
 
-DEFAULT_Q_BLOCK = 512
-DEFAULT_K_BLOCK = 512
+DEFAULT_Q_BLOCK = 256
+DEFAULT_K_BLOCK = 256
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 SPLASH_BLOCK = 128
 

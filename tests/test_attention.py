@@ -151,3 +151,19 @@ def test_splash_interpret_matches_reference():
     got = attn.splash_attention(q, k, v, valid, causal_offset=0, interpret=True)
     want = attn.reference_attention(q, k, v, valid, jnp.arange(128)[None])
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+
+
+def test_decode_reads_only_filled_key_blocks():
+    """A decode query at the cache's write index never reads key blocks past it: NaN in
+    the unfilled slots (from the next block on) would poison any read of them."""
+    rng = np.random.default_rng(5)
+    q, k, v, valid, _ = slot_case(rng, 2, 1, 64, 4, 2, 8)
+    index = 20
+    valid = valid.at[:, index + 1:].set(False)
+    slots = jnp.full((2, 1), index, jnp.int32)
+    want = attn.reference_attention(q, k, v, valid, slots)
+    poison = lambda x: x.at[:, 32:].set(jnp.nan)          # blocks 2, 3 of 16 slots
+    got = attn.dot_product_attention(q, poison(k), poison(v), key_valid=valid,
+                                     query_slots=slots, implementation="blockwise",
+                                     k_block=16)
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)

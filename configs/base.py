@@ -68,12 +68,20 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.think = True
     c.rollout.batch_dialogues = 32      # dialogues per step (profiles x group_size)
     c.rollout.group_size = 1            # GRPO sets 4
-    c.rollout.max_turn_tokens = 1024
+    # The reference run's 5k tokens per turn (RLVER.md): think-mode thoughts run long, and a
+    # turn cut short is a truncated turn (see truncated_turn). The per-dialogue cap below
+    # bounds the whole training sequence (prompts included), not only the responses.
+    c.rollout.max_turn_tokens = 5120
     c.rollout.max_dialogue_tokens = 10240
     c.rollout.temperature = 1.0
     c.rollout.top_p = 1.0
     c.rollout.top_k = 0
     c.rollout.unclosed_think = "pass"   # or "zero_reward"
+    # A turn cut at max_turn_tokens (counted in rollout/truncated_turns): "pass" trains it
+    # as sampled and lets the user read the cut text (the reference code's behaviour, the
+    # default); "zero_reward" ends the dialogue with reward 0; "mask" takes the cut turn
+    # out of the loss (the reward then sits on an earlier complete turn) and goes on.
+    c.rollout.truncated_turn = "pass"
 
     c.rl = ml_collections.ConfigDict()
     c.rl.algorithm = "ppo"              # ppo | grpo
@@ -98,6 +106,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.max_grad_norm = 1.0
     c.rl.weight_decay = 0.0
     c.rl.agg_mode = "token-mean"
+    # C of the `*-norm` aggregation modes (Dr.GRPO: sum of a sequence's token losses / C).
+    # 0: the configured maximum response length, rollout.max_turn_tokens in think mode (a
+    # sample is one turn) and rollout.max_dialogue_tokens without it (a sample is the whole
+    # dialogue); never the padded batch width, which changes from step to step.
+    c.rl.agg_constant = 0
     c.rl.grpo_normalize_std = True
     c.rl.whiten_advantages = False
     c.rl.logprob_chunk = 1024

@@ -78,6 +78,7 @@ class Report:
     by_personality: dict[str, dict[str, float]]
     think: bool
     think_format_violations: int
+    truncated_turns: int               # replies cut at --max_turn_tokens (passed on as cut)
     replies: int
     turns_mean: float
     reply_tokens_mean: float
@@ -112,6 +113,7 @@ class Report:
              "failure_frac": self.failure_rate, "turns_mean": self.turns_mean,
              "reply_tokens_mean": self.reply_tokens_mean,
              "think_format_violations": float(self.think_format_violations),
+             "truncated_turns": float(self.truncated_turns),
              "parse_failures": float(self.simulator.get("parse_failures", 0))}
         return {prefix + k: float(v) for k, v in m.items()}
 
@@ -180,6 +182,7 @@ def build_report(records: list[dict[str, Any]], *, think: bool, stats: Mapping[s
         by_personality=_breakdown(records, "personality", PERSONALITIES),
         think=think,
         think_format_violations=int(stats.get("format_violations", 0)),
+        truncated_turns=int(stats.get("truncated_turns", 0)),
         replies=len(turns),
         turns_mean=sum(int(r["turns"]) for r in records) / n,
         reply_tokens_mean=(sum(token_counts) / len(token_counts)) if token_counts else 0.0,
@@ -347,6 +350,8 @@ def format_summary(report: Report) -> str:
     lines.append(f"simulator parse failures: {s.get('parse_failures', 0)} (analyzer fallbacks "
                  f"{s.get('analyzer_fallbacks', 0)}, actor fallbacks "
                  f"{s.get('actor_fallbacks', 0)})")
+    lines.append(f"truncated replies (cut at the turn token limit): {report.truncated_turns} "
+                 f"of {report.replies}")
     if report.think:
         lines.append(f"think-format violations (unclosed <think>): "
                      f"{report.think_format_violations} of {report.replies} replies")

@@ -276,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         step, files = _export(fv.workdir, fv.out, fv.step, fv.model, fv.dtype, fv.overwrite,
                               max_shard_bytes, fv.tokenizer, mesh)
     except ExportError as e:
-        print(f"export error: {e}", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
         sizes = {f: os.path.getsize(os.path.join(fv.out, f)) for f in files}

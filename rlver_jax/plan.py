@@ -497,10 +497,29 @@ def main(argv):
     from absl import flags
     if len(argv) > 1:
         raise SystemExit(f"unexpected arguments: {argv[1:]}")
+    from rlver_jax.cli_errors import exit_with, one_line
     config = flags.FLAGS.config
     if config is None:
-        raise SystemExit("--config FILE is required")
-    settings = settings_from_config(config)
+        exit_with("--config FILE is required", 2)
+    try:
+        settings = settings_from_config(config)
+        # Presets and rule tables are looked up deep inside `plan`: check them here, where
+        # a bad value is a config error and not a failure of the planner.
+        for key, preset in (("policy.preset", settings.policy_preset),
+                            ("simulator.preset", settings.simulator_preset)):
+            if preset is not None:
+                try:
+                    get_preset(preset)
+                except KeyError as e:
+                    raise ValueError(f"config.{key}: {one_line(e)}") from e
+        for key, rules in (("mesh.rules", settings.rules),
+                           ("mesh.sampling_rules", settings.sampling_rules)):
+            try:
+                shd.get_rules(rules)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"config.{key}: {one_line(e)}") from e
+    except (KeyError, ValueError, TypeError) as e:
+        exit_with(one_line(e))
     memory = flags.FLAGS.device_memory_gib
     result = plan(settings, _plan_devices(flags.FLAGS.devices),
                   device_memory_bytes=int(memory * GiB) if memory else None)
@@ -512,11 +531,18 @@ if __name__ == "__main__":
     from absl import app, flags
     from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "ml-collections config file.",
-                                    lock_config=False)
+    from rlver_jax.cli_errors import config_error, parse_flags_or_exit
+
+    try:
+        # config_flags reads the overrides in sys.argv while the flag is defined.
+        config_flags.DEFINE_config_file("config", None, "ml-collections config file.",
+                                        lock_config=False)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        print(config_error(e, sys.argv), file=sys.stderr)
+        sys.exit(2)
     flags.DEFINE_integer("devices", None, "Plan for this many devices (fake CPU devices "
                          "when fewer exist).")
     flags.DEFINE_float("device_memory_gib", None, "Memory per device, for a fits / does "
                        "not fit verdict (e.g. 95 for TPU v5p, 80 for H100).")
     flags.DEFINE_bool("json", False, "Print one JSON object instead of the table.")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags_or_exit)

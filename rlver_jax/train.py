@@ -13,19 +13,12 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rlver_jax.cli_errors import config_error as _config_error
+from rlver_jax.cli_errors import one_line, parse_flags_or_exit
+
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "tiny.py")
 
-
-
-def _config_error(e: Exception, argv) -> str:
-    """One line naming the offending --config.* override (ml_collections raises nested
-    KeyErrors whose text is a quoted repr with a 'Did you mean' hint)."""
-    text = str(e).replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-    text = text.replace("\\\"", '"').strip("'\" ").replace("' Did you mean", "; did you mean")
-    key = next((a.split("=")[0] for a in argv[1:] if a.startswith("--config.")
-                and a.split("=")[0].rsplit(".", 1)[-1] in text), None)
-    return f"error: bad config override{f' {key}' if key else ''}: {text}"
 
 
 try:
@@ -68,8 +61,9 @@ def main(argv):
         history = trainer.run()
     except (ConfigError, TrainingError, FileNotFoundError, ProfileError, CheckpointError,
             CheckpointFormatError) as e:
-        logging.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        # Logged below the console's WARNING level: stderr gets exactly one line.
+        logging.info("%s", e)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     if not history:
         print(f"nothing to do: {_WORKDIR.value} already holds the final step "
@@ -82,13 +76,7 @@ def main(argv):
               f"outputs in {_WORKDIR.value}")
 
 
-def parse_flags(argv):
-    """absl's parser, with config-key mistakes reported as one clear line."""
-    try:
-        return flags.FLAGS(argv)
-    except (AttributeError, KeyError, ValueError, TypeError, flags.Error) as e:
-        print(_config_error(e, argv), file=sys.stderr)
-        sys.exit(2)
+parse_flags = parse_flags_or_exit
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
-from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, RolloutSummary, collate,
-                                   dialogue_record)
+from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
+                                   RolloutSummary, collate, dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
@@ -60,6 +60,16 @@ OPTIONAL_BOUNDS = ("delta_clamp", "end_below", "end_at_or_above", "emotion_floor
 
 
 
+def agg_constant(c: ml_collections.ConfigDict) -> float:
+    """C of the `*-norm` aggregation modes: `rl.agg_constant`, or when it is 0 the maximum
+    response length (rollout.max_turn_tokens in think mode, rollout.max_dialogue_tokens
+    without it: there one sample is the whole dialogue)."""
+    value = c.rl.get("agg_constant", 0)
+    if value:
+        return float(value)
+    return float(c.rollout.max_turn_tokens if c.rollout.think else c.rollout.max_dialogue_tokens)
+
+
 def _check(condition: bool, key: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config.{key}: {message}")
@@ -71,6 +81,8 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
            f"{c.rl.algorithm!r} is not one of ('ppo', 'grpo')")
     _check(c.simulator.kind in ("llm", "rule"), "simulator.kind",
            f"{c.simulator.kind!r} is not one of ('llm', 'rule')")
+    _check(c.simulator.difficulty in sim.DIFFICULTY_PRESETS, "simulator.difficulty",
+           f"{c.simulator.difficulty!r} is not one of {tuple(sorted(sim.DIFFICULTY_PRESETS))}")
     _check(c.rollout.batch_dialogues % c.rollout.group_size == 0, "rollout.batch_dialogues",
            f"{c.rollout.batch_dialogues} is not a multiple of rollout.group_size "
            f"{c.rollout.group_size}")
@@ -82,6 +94,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.rl.get("agg_constant", 0) >= 0, "rl.agg_constant",
+           "must be > 0, or 0 for the maximum response length")
+    _check(c.rollout.unclosed_think in ("pass", "zero_reward"), "rollout.unclosed_think",
+           f"{c.rollout.unclosed_think!r} is not one of ('pass', 'zero_reward')")
+    _check(c.rollout.get("truncated_turn", "pass") in TRUNCATED_TURN_MODES,
+           "rollout.truncated_turn",
+           f"{c.rollout.get('truncated_turn')!r} is not one of {TRUNCATED_TURN_MODES}")
     for key in ("rules", "sampling_rules"):
         _check(c.mesh[key] in sharding_lib.RULE_PRESETS, f"mesh.{key}",
                f"{c.mesh[key]!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
@@ -184,7 +203,8 @@ class Trainer:
             max_turn_tokens=c.rollout.max_turn_tokens,
             max_dialogue_tokens=c.rollout.max_dialogue_tokens,
             temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-            unclosed_think=c.rollout.unclosed_think)
+            unclosed_think=c.rollout.unclosed_think,
+            truncated_turn=c.rollout.get("truncated_turn", "pass"))
         self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
         self._prepare = jax.jit(self._prepare_impl)
         self._sim_tokens_seen = 0
@@ -252,6 +272,7 @@ class Trainer:
             dual_clip=rl.dual_clip or None, value_clip=rl.value_clip or None,
             entropy_coef=rl.entropy_coef, kl_loss_coef=rl.kl_loss_coef,
             kl_loss_kind=rl.kl_loss_kind, agg_mode=rl.agg_mode,
+            constant_normaliser=agg_constant(self.config),
             micro_batch_size=rl.micro_batch_size, logprob_chunk=rl.logprob_chunk,
             temperature=self.config.rollout.temperature or 1.0)
 

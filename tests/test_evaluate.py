@@ -93,6 +93,8 @@ def test_report_fields_are_consistent_with_the_dialogues(rule_eval):
     assert report["replies"] == len(turns)
     assert report["turns_mean"] == pytest.approx(np.mean([d["turns"] for d in dialogues]))
     assert all(1 <= t["tokens"] <= 8 for t in turns)
+    # A reply with 8 content tokens had no room for its end-of-turn token: it was cut.
+    assert report["truncated_turns"] == sum(t["tokens"] == 8 for t in turns)
     assert report["reply_tokens_mean"] == pytest.approx(np.mean([t["tokens"] for t in turns]))
     assert report["reply_chars_mean"] == pytest.approx(
         np.mean([len(t["policy_reply"]) for t in turns]))

@@ -15,6 +15,13 @@ Training samples hold token ids exactly as sampled, never a re-tokenisation of t
   old thought) and appends the new turn.
 The reward sits on the last policy token of each sample.
 
+A policy turn cut at `max_turn_tokens` before its end-of-turn token is "truncated" (counted
+in `rollout/truncated_turns`); `RolloutSettings.truncated_turn` decides what happens to it:
+"pass" (the user reads the cut text, the turn is trained as sampled; no-think closes it
+with an untrained end-of-turn token), "zero_reward" (the dialogue ends there with reward 0,
+reason "truncated") or "mask" (the cut turn's tokens leave the loss, so the reward lands on
+the last token of an earlier, complete turn; the dialogue goes on).
+
 Multi-host: each process plays its own dialogues; when the policy sampler's mesh spans
 processes, the loop runs in lock step (every process keeps calling the sampler, with no
 rows of its own if need be, until no process has a live dialogue), and `RolloutSummary`
@@ -38,6 +45,9 @@ from rlver_jax.env.users import mix_seed
 THINK_OPEN = "<think>"
 
 
+TRUNCATED_TURN_MODES = ("pass", "zero_reward", "mask")
+
+
 @dataclasses.dataclass(frozen=True)
 class RolloutSettings:
     """How the policy side of a rollout runs."""
@@ -50,11 +60,15 @@ class RolloutSettings:
     top_p: float = 1.0
     top_k: int = 0
     unclosed_think: str = "pass"         # "pass" the raw text on, or "zero_reward"
+    truncated_turn: str = "pass"         # a turn cut at max_turn_tokens: TRUNCATED_TURN_MODES
 
     def __post_init__(self):
         if self.unclosed_think not in ("pass", "zero_reward"):
             raise ValueError(f"unclosed_think={self.unclosed_think!r}: expected 'pass' or "
                              "'zero_reward'")
+        if self.truncated_turn not in TRUNCATED_TURN_MODES:
+            raise ValueError(f"truncated_turn={self.truncated_turn!r}: expected one of "
+                             f"{TRUNCATED_TURN_MODES}")
         if self.group_size < 1:
             raise ValueError(f"group_size={self.group_size} must be >= 1")
 
@@ -94,7 +108,9 @@ class _Track:
 
 
 # How a dialogue can end: the simulator's reasons, then the rollout's own.
-END_REASONS = (*sim.TERMINATION_REASONS, "length", "format")
+END_REASONS = (*sim.TERMINATION_REASONS, "length", "format", "truncated")
+# Dialogues that end for these reasons earn reward 0 whatever the emotion.
+ZERO_REWARD_REASONS = ("format", "truncated")
 
 
 def _mean(values) -> float:
@@ -187,19 +203,26 @@ class DialogueRollout:
 
     def _record_policy_turn(self, state, track: _Track, prompt: list[int], tokens, logprobs,
                             raw, stopped: bool, group_id: int) -> str:
-        """Adds the sampled reply to the track (and think-mode sample); returns its text."""
+        """Adds the sampled reply to the track (and think-mode sample); returns its text.
+
+        A truncated turn under `truncated_turn="mask"` is kept with loss mask 0 (and zero
+        log-probs): no think-mode sample, and no reward can land on it."""
         s = self.settings
         track.policy_tokens += len(tokens)
+        trained = stopped or s.truncated_turn != "mask"
+        if not trained:
+            logprobs = raw = [0.0] * len(tokens)
         if s.think:
-            sample = Sample(dialogue_id=state.dialogue_id, group_id=group_id,
-                            tokens=list(prompt) + list(tokens),
-                            loss_mask=[0] * len(prompt) + [1] * len(tokens),
-                            logprobs=[0.0] * len(prompt) + list(logprobs),
-                            raw_logprobs=[0.0] * len(prompt) + list(raw), turn=state.turns)
-            track.samples.append(sample)
+            if trained:
+                sample = Sample(dialogue_id=state.dialogue_id, group_id=group_id,
+                                tokens=list(prompt) + list(tokens),
+                                loss_mask=[0] * len(prompt) + [1] * len(tokens),
+                                logprobs=[0.0] * len(prompt) + list(logprobs),
+                                raw_logprobs=[0.0] * len(prompt) + list(raw), turn=state.turns)
+                track.samples.append(sample)
         else:
             track.extend(self._assistant_prefix)
-            track.extend(tokens, 1, logprobs, raw)
+            track.extend(tokens, int(trained), logprobs, raw)
             if not stopped:
                 # Close the turn for the chat format; not a policy token, so not trained.
                 track.extend([self.tokenizer.im_end_id])
@@ -217,7 +240,8 @@ class DialogueRollout:
         group_ids: list[int] = []
         for p_index, profile in enumerate(profiles):
             for g in range(s.group_size):
-                states.append(sim.new_dialogue(f"{id_prefix}-{p_index}-{g}", profile, cfg))
+                states.append(sim.new_dialogue(f"{id_prefix}-{p_index}-{g}", profile, cfg,
+                                               think=s.think))
                 group_ids.append(p_index)
         by_id = {st.dialogue_id: st for st in states}
         if len(by_id) != len(states):
@@ -240,7 +264,7 @@ class DialogueRollout:
         previous = None
         turn = 0
         stats = {"parse_failures": 0, "analyzer_fallbacks": 0, "actor_fallbacks": 0,
-                 "format_violations": 0, "length_stops": 0}
+                 "format_violations": 0, "length_stops": 0, "truncated_turns": 0}
         while True:
             live = [i for i, st in enumerate(states) if not st.done]
             if not self._any(live):
@@ -275,6 +299,14 @@ class DialogueRollout:
                 text = self._record_policy_turn(st, track, prompts[i], out.tokens[i],
                                                 out.logprobs[i], out.raw_logprobs[i],
                                                 out.stopped[i], group_ids[i])
+                if not out.stopped[i]:
+                    stats["truncated_turns"] += 1
+                    if s.truncated_turn == "zero_reward":
+                        # Ends before the user reads the cut text (like a format stop).
+                        sim.add_policy_reply(st, text)
+                        replies[i] = text
+                        st.done, st.done_reason = True, "truncated"
+                        continue
                 unclosed = s.think and not sim.split_think(text).closed
                 if unclosed and s.unclosed_think == "pass":
                     # The user reads the raw text (minus the dangling tag) instead of the
@@ -331,8 +363,9 @@ class DialogueRollout:
     # ------------------------------------------------------------------ outputs
     @staticmethod
     def final_reward(st: sim.DialogueState) -> float:
-        """The dialogue's reward: final emotion / 100, or 0 when it ended for format."""
-        return 0.0 if st.done_reason == "format" else float(st.reward)
+        """The dialogue's reward: final emotion / 100, or 0 when it ended for format or on a
+        truncated turn (ZERO_REWARD_REASONS)."""
+        return 0.0 if st.done_reason in ZERO_REWARD_REASONS else float(st.reward)
 
     def _finish(self, states, tracks, group_ids) -> list[Sample]:
         samples = []
@@ -364,7 +397,8 @@ def dialogue_record(state: sim.DialogueState, step: int | None = None,
             pending_user = text
             continue
         record = next(records, None)
-        split = sim.split_think(text)
+        split = (sim.split_think(text) if state.think
+                 else sim.ThinkSplit(thought="", reply=text.strip(), closed=True))
         turns.append({
             "user": pending_user, "policy_raw": text, "policy_reply": split.reply,
             "thought": split.thought, "think_closed": split.closed,
@@ -383,7 +417,8 @@ def dialogue_record(state: sim.DialogueState, step: int | None = None,
     return {
         "step": step, "dialogue_id": state.dialogue_id, "profile_id": getattr(profile, "id", None),
         "need": need, "personality": kind, "final_emotion": state.emotion,
-        "reward": state.reward if reward is None else reward, "turns": state.turns,
+        "reward": DialogueRollout.final_reward(state) if reward is None else reward,
+        "turns": state.turns,
         "done_reason": state.done_reason, "opening": state.history[0][1] if state.history else "",
         "dialogue": turns,
     }

@@ -275,7 +275,9 @@ class TurnRecord:
 class DialogueState:
     """One dialogue. `history` holds (role, text) with role "user" (the simulated person) or
     "assistant" (the policy, its raw generation, thoughts included). `turns` counts policy
-    replies that have been analysed."""
+    replies that have been analysed. `think`: the policy writes <think>...</think> before its
+    replies, so the simulator reads only what follows the last </think>; without think mode
+    it reads the whole reply (a stray "<think>" hides nothing)."""
 
     dialogue_id: str
     profile: Any
@@ -285,6 +287,7 @@ class DialogueState:
     done: bool = False
     done_reason: str | None = None
     records: list[TurnRecord] = dataclasses.field(default_factory=list)
+    think: bool = True
 
     @property
     def level(self) -> str:
@@ -295,10 +298,12 @@ class DialogueState:
         return reward(self.emotion)
 
 
-def new_dialogue(dialogue_id: str, profile: Any, settings: SimulatorSettings) -> DialogueState:
-    """A fresh dialogue at the settings' start emotion."""
+def new_dialogue(dialogue_id: str, profile: Any, settings: SimulatorSettings,
+                 think: bool = True) -> DialogueState:
+    """A fresh dialogue at the settings' start emotion; `think`: the policy's mode."""
     return DialogueState(
-        dialogue_id=str(dialogue_id), profile=profile, emotion=settings.start_emotion
+        dialogue_id=str(dialogue_id), profile=profile, emotion=settings.start_emotion,
+        think=think,
     )
 
 
@@ -646,16 +651,17 @@ def _persona_values(profile: Any, lang: str) -> dict[str, str]:
     }
 
 
-def _visible(text: str) -> str:
-    # The simulator only ever sees what follows the policy's last </think>.
-    return split_think(text).reply
+def _visible(text: str, think: bool = True) -> str:
+    # In think mode the simulator only ever sees what follows the policy's last </think>;
+    # without it the reply is shown whole (a stray tag must not hide the rest).
+    return split_think(text).reply if think else _as_text(text).strip()
 
 
-def _transcript(history: Sequence[tuple[str, str]], lang: str) -> str:
+def _transcript(history: Sequence[tuple[str, str]], lang: str, think: bool = True) -> str:
     names = _TRANSCRIPT[lang]
     lines = []
     for role, text in history:
-        shown = _visible(text) if role == "assistant" else text
+        shown = _visible(text, think) if role == "assistant" else text
         lines.append(f"{names.get(role, role)}{names['sep']}{shown.strip()}")
     return "\n".join(lines) if lines else names["empty"]
 
@@ -666,17 +672,19 @@ def render_analyzer_prompt(
     latest_reply: str,
     emotion: int,
     settings: SimulatorSettings,
+    think: bool = True,
 ) -> list[dict[str, str]]:
     """Chat messages for the analyzer step.
 
-    `history` is the dialogue before `latest_reply` (the policy's newest raw generation; its
-    thoughts are removed). `emotion` is the CURRENT emotion (the reference code wrongly
-    showed the initial one).
+    `history` is the dialogue before `latest_reply` (the policy's newest raw generation; in
+    think mode its thoughts are removed). `emotion` is the CURRENT emotion (the reference
+    code wrongly showed the initial one).
     """
     lang = resolve_language(profile, settings)
     hist = list(history)
     # Forgive a history that already ends with the latest reply rather than showing it twice.
-    if hist and hist[-1][0] == "assistant" and _visible(hist[-1][1]) == _visible(latest_reply):
+    if (hist and hist[-1][0] == "assistant"
+            and _visible(hist[-1][1], think) == _visible(latest_reply, think)):
         hist = hist[:-1]
     if settings.delta_clamp is not None:
         delta_range = _DELTA_RANGE[lang]["clamped"].format(c=settings.delta_clamp)
@@ -686,8 +694,8 @@ def render_analyzer_prompt(
     values.update(
         acceptance=_ACCEPTANCE[lang][settings.reserve],
         emotion=str(int(emotion)),
-        history=_transcript(hist, lang),
-        latest_reply=_visible(latest_reply).strip(),
+        history=_transcript(hist, lang, think),
+        latest_reply=_visible(latest_reply, think),
         delta_range=delta_range,
     )
     return _render(f"analyzer_{lang}", **values)
@@ -705,7 +713,7 @@ def _analysis_text(analysis: AnalyzerResult | str | None, lang: str) -> str:
     parts = []
     for name, start, end in found:
         value = _clean_value(raw[start:end])
-        if name != "delta" and value:
+        if name != "delta" and name not in _LABEL_ONLY_FIELDS and value:
             parts.append(f"{titles[name]}: {value}")
     return "\n".join(parts)
 
@@ -716,8 +724,9 @@ def render_actor_prompt(
     analysis: AnalyzerResult | str | None,
     level: str,
     settings: SimulatorSettings,
+    think: bool = True,
 ) -> list[dict[str, str]]:
-    """Chat messages for the actor step.
+    """Chat messages for the actor step (`think`: as in `render_analyzer_prompt`).
 
     `level` is the letter from `emotion_level` (the actor never sees the number). At a level
     in `settings.goodbye_levels` the actor is told to say goodbye with the goodbye word. An
@@ -739,7 +748,7 @@ def render_actor_prompt(
         hint_rule=_HINT_RULE[lang][settings.hint_need],
         reserve_rule=_RESERVE[lang][settings.reserve],
         level_text=level_text,
-        history=_transcript(history, lang),
+        history=_transcript(history, lang, think),
         analysis_block=f"{_ANALYSIS_HEADER[lang]}{text}\n\n" if text else "",
         task_instruction=task_instruction,
         persona_rule=_PASSIVE_RULE[lang] if _personality_name(profile) == "passive" else "",
@@ -806,8 +815,17 @@ _ANALYZER_ALIASES: dict[str, tuple[str, ...]] = {
     "feeling": ("feelings", "feeling", "情绪感受", "感受", "感觉"),
     "delta": ("emotion change", "emotional change", "change in emotion", "emotion delta",
               "mood change", "emotion score change", "score change", "delta", "change",
-              "情绪变化值", "情绪值变化", "情绪分变化", "情绪变化", "情绪变动", "情绪值", "变化值", "变化"),
+              "情绪变化值", "情绪值变化", "情绪分变化", "情绪变化", "情绪变动", "变化值", "变化"),
+    # Words for the CURRENT value (the Chinese prompt's own 情绪值 among them): recognised as
+    # labels only so that such a line ends the change field and is never read as a change.
+    "current": ("current emotion value", "current emotion score", "current emotion",
+                "new emotion value", "new emotion score", "new emotion", "emotion value",
+                "emotion score", "emotion now", "current score", "current value", "emotion",
+                "当前情绪值", "当前情绪分", "当前情绪", "现在的情绪值", "目前情绪值", "最新情绪值",
+                "情绪值", "情绪分", "当前分数", "当前分值"),
 }
+# Fields that are labels only: not part of AnalyzerResult.fields, never shown to the actor.
+_LABEL_ONLY_FIELDS = ("current",)
 _ACTOR_ALIASES: dict[str, tuple[str, ...]] = {
     "thinking": ("thinking", "thoughts", "thought", "内心思考", "思考", "想法"),
     "draft": ("first draft", "draft reply", "draft", "回复草稿", "初稿", "草稿"),
@@ -850,6 +868,22 @@ _NORMALIZE_TABLE.update({
     0x0D: " ",  # a \r before \n would hide the end of a line from `$`
 })
 _SIGNED_RE = re.compile(r"(?<![A-Za-z0-9_.+\-])([+\-])(\d+(?:\.\d+)?)")
+# Two emotion VALUES joined by an arrow, "from A to B", 由A到B / 从A降到B: the change is
+# B - A. Endpoints are unsigned (emotions are 0..100); a signed start is a change, not a value.
+_NUM = r"(?<![A-Za-z0-9_.+\-])(\d+(?:\.\d+)?)(?:\s*(?:分|points?|pts?))?"
+_ARROW = r"(?:-+>|=+>|~+>|[\u2192\u27f6\u2794\u279c\u279d\u279e\u21d2\u27a1\u2b62\u21fe])"
+_TRANSITION_RE = re.compile(
+    rf"(?:(?:from|由|从)\s*)?{_NUM}\s*(?:{_ARROW}|[^\d\n+\-]{{0,12}}?(?:\bto\b|到|至|{_ARROW}))"
+    rf"\s*{_NUM}",
+    re.IGNORECASE,
+)
+# An unsigned number right after one of these is a value ("went up to 35", "降到25",
+# "now at 40"), never a change.
+_VALUE_CUE_RE = re.compile(
+    r"(?:\bto|\bat|\bnow|\breach(?:ed|es)?|\bbecomes?|\bbecame|\bcurrent(?:ly)?|"
+    r"到|至|为|成|达到|当前|现在|目前)\s*(?:了\s*)?$",
+    re.IGNORECASE,
+)
 _UNSIGNED_RE = re.compile(r"(?<![A-Za-z0-9_.])(\d+(?:\.\d+)?)")
 _NEGATIVE_WORDS = ("decrease", "decreased", "drop", "dropped", "down", "lower", "minus", "fall",
                    "fell", "negative", "下降", "降低", "减少", "下跌", "减", "降", "负")
@@ -924,16 +958,29 @@ def _to_int(number: str) -> int:
 
 
 def _extract_delta(value: str) -> int | None:
-    """A signed integer from a field value: "+5", "-10", "[+3]", "5分", "减少5", "no change"."""
+    """A signed integer from a field value: "+5", "-10", "[+3]", "5分", "减少5", "no change",
+    "30 -> 35", "from 30 to 25", "由30降到25". None when nothing reads as a change, or when
+    the value is ambiguous (a transition and an explicit sign that disagree, a bare value
+    such as "up to 35"): the caller retries rather than misreading an emotion value."""
     line = _first_line(value)
     lowered = line.lower()
-    signed = _SIGNED_RE.search(line)
-    unsigned = _UNSIGNED_RE.search(line)
-    if signed is not None:
-        # An explicit sign wins over an earlier unsigned number ("from 40 to 45 (+5)").
+    transitions = list(_TRANSITION_RE.finditer(line))
+    if transitions:
+        diffs = {_to_int(m.group(2)) - _to_int(m.group(1)) for m in transitions}
+        spans = [m.span() for m in transitions]
+        outside = [m for m in _SIGNED_RE.finditer(line)
+                   if not any(a <= m.start() < b for a, b in spans)]
+        signed = {_to_int(m.group(2)) * (-1 if m.group(1) == "-" else 1) for m in outside}
+        if len(diffs) != 1 or (signed and signed != diffs):
+            return None
+        delta = diffs.pop()
+    elif (signed := _SIGNED_RE.search(line)) is not None:
         delta = _to_int(signed.group(2)) * (-1 if signed.group(1) == "-" else 1)
-    elif unsigned is not None:
+    elif (unsigned := _UNSIGNED_RE.search(line)) is not None:
         before = lowered[: unsigned.start()]
+        # "30 - > 25", "5, now 35": with no sign, two numbers cannot be told apart.
+        if _VALUE_CUE_RE.search(before) or len(_UNSIGNED_RE.findall(line)) > 1:
+            return None
         negative = any(w in before for w in _NEGATIVE_WORDS)
         delta = -_to_int(unsigned.group(1)) if negative else _to_int(unsigned.group(1))
     elif any(w in lowered for w in _ZERO_WORDS):
@@ -991,7 +1038,7 @@ def parse_analyzer(text: Any) -> AnalyzerResult:
         found = _fields(norm, _ANALYZER_LABEL_RE)
         fields: dict[str, str] = {}
         for name, start, end in found:
-            if name != "delta":
+            if name != "delta" and name not in _LABEL_ONLY_FIELDS:
                 fields[name] = _clean_value(raw[start:end])
         delta = None
         for name, start, end in reversed(found):

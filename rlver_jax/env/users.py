@@ -167,7 +167,7 @@ class LLMUser:
     def analyze(self, states: Sequence[sim.DialogueState], replies: Sequence[str], seed: int
                 ) -> list[Analysis]:
         msgs = [sim.render_analyzer_prompt(s.profile, s.history[:-1], reply, s.emotion,
-                                           self.settings)
+                                           self.settings, think=s.think)
                 for s, reply in zip(states, replies)]
         attempts, decisions = self._with_retries(msgs, self.sampling.max_analyzer_tokens, seed,
                                                  sim.parse_analyzer)
@@ -182,7 +182,8 @@ class LLMUser:
     def replies(self, states: Sequence[sim.DialogueState], analyses: Sequence[Analysis],
                 seed: int) -> list[UserReply]:
         msgs = [sim.render_actor_prompt(s.profile, s.history, a.text,
-                                        sim.emotion_level(s.emotion), self.settings)
+                                        sim.emotion_level(s.emotion), self.settings,
+                                        think=s.think)
                 for s, a in zip(states, analyses)]
         langs = [sim.resolve_language(s.profile, self.settings) for s in states]
         _, decisions = self._with_retries(msgs, self.sampling.max_actor_tokens, seed,

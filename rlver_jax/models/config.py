@@ -90,7 +90,20 @@ class Qwen2Config:
         def need(key):
             if key not in hf:
                 raise KeyError(f"{source}: missing required key {key!r}")
-            return hf[key]
+            return positive_int(key, hf[key])
+
+        def positive_int(key, value):
+            # json gives bools for true/false, which int checks would let through.
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{source}: key {key!r} must be a positive integer, "
+                                 f"got {value!r}")
+            return value
+
+        def number(key, default):
+            value = hf.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{source}: key {key!r} must be a number, got {value!r}")
+            return float(value)
 
         model_type = hf.get("model_type", "qwen2")
         if model_type not in ("qwen2",):
@@ -98,8 +111,13 @@ class Qwen2Config:
         # transformers 5.x moved rope_theta into rope_parameters.
         rope_theta = hf.get("rope_theta")
         rope_params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        if not isinstance(rope_params, Mapping):
+            raise ValueError(f"{source}: key 'rope_parameters' must be an object, "
+                             f"got {rope_params!r}")
         if rope_theta is None:
             rope_theta = rope_params.get("rope_theta", 10_000.0)
+        if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)):
+            raise ValueError(f"{source}: key 'rope_theta' must be a number, got {rope_theta!r}")
         rope_type = rope_params.get("rope_type", rope_params.get("type", "default"))
         if rope_type not in ("default", None):
             raise NotImplementedError(f"{source}: rope_type={rope_type!r} is not supported")
@@ -113,17 +131,21 @@ class Qwen2Config:
                 intermediate_size=need("intermediate_size"),
                 num_layers=need("num_hidden_layers"),
                 num_heads=need("num_attention_heads"),
-                num_kv_heads=hf.get("num_key_value_heads") or need("num_attention_heads"),
-                head_dim=hf.get("head_dim"),
+                num_kv_heads=(positive_int("num_key_value_heads", hf["num_key_value_heads"])
+                              if hf.get("num_key_value_heads") is not None
+                              else need("num_attention_heads")),
+                head_dim=(positive_int("head_dim", hf["head_dim"])
+                          if hf.get("head_dim") is not None else None),
                 rope_theta=float(rope_theta),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+                rms_norm_eps=number("rms_norm_eps", 1e-6),
+                max_position_embeddings=positive_int(
+                    "max_position_embeddings", hf.get("max_position_embeddings", 32768)),
                 tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
                 bos_token_id=hf.get("bos_token_id"),
                 eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
                 param_dtype=stored_dtype if stored_dtype in DTYPES else "float32",
                 dtype=stored_dtype if stored_dtype in DTYPES else "float32",
-                initializer_range=float(hf.get("initializer_range", 0.02)),
+                initializer_range=number("initializer_range", 0.02),
         )
         if kwargs["head_dim"] == kwargs["hidden_size"] // kwargs["num_heads"]:
             kwargs["head_dim"] = None

@@ -126,8 +126,18 @@ def _read_config(path: str, dtype: str, **overrides) -> Qwen2Config:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF model directory not found: {path}")
-    return Qwen2Config.from_json_file(os.path.join(path, "config.json"),
-                                      **{"param_dtype": dtype, "dtype": dtype, **overrides})
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointFormatError(f"{path}: no config.json (not an HF model directory)")
+    try:
+        return Qwen2Config.from_json_file(config_path,
+                                          **{"param_dtype": dtype, "dtype": dtype, **overrides})
+    except KeyError as e:  # a missing key; its message already names the file
+        raise CheckpointFormatError(str(e.args[0]) if e.args else str(e)) from e
+    except (ValueError, TypeError, NotImplementedError, UnicodeDecodeError) as e:
+        text = str(e)
+        raise CheckpointFormatError(text if config_path in text else f"{config_path}: {text}"
+                                    ) from e
 
 
 def _fill(model: nnx.Module, source: Callable[[tuple, tuple[int, ...]], Callable],

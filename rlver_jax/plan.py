@@ -17,9 +17,9 @@ compiler of the platform that compiles: CPU numbers for a TPU / GPU plan are an 
 (same sharding and rematerialisation, different fusion and layouts).
 
 Config fields read (all others are ignored): policy.preset, policy.dtype,
-policy.param_dtype (default: policy.dtype), policy.remat, simulator.kind / .preset /
-.dtype / .max_prompt_tokens / .max_analyzer_tokens / .max_actor_tokens, critic.enabled
-(default: rl.algorithm == "ppo"), reference.enabled or a KL coefficient > 0, mesh.shape,
+policy.param_dtype (default: policy.dtype), policy.remat, policy.attention,
+simulator.attention, simulator.kind / .preset / .dtype / .max_prompt_tokens /
+.max_analyzer_tokens / .max_actor_tokens, critic.enabled (default: rl.algorithm == "ppo"), reference.enabled or a KL coefficient > 0, mesh.shape,
 mesh.rules, mesh.sampling_rules, rollout.batch_dialogues (dialogues sampled together),
 rollout.max_dialogue_tokens (sequence length), rollout.max_turn_tokens, rl.mini_batches
 or rl.mini_batch_size (sequences per update step), rl.micro_batch_size,
@@ -114,6 +114,8 @@ class PlanSettings:
     policy_remat: str | None = None           # None: the preset's
     simulator_preset: str | None = None
     simulator_dtype: str = "bfloat16"
+    policy_attention: str = "auto"             # models/attention.py implementation
+    simulator_attention: str = "auto"
     simulator_prompt_tokens: int | None = None  # None: seq_len - turn_tokens
     simulator_new_tokens: int | None = None     # None: turn_tokens
     critic: bool = False
@@ -173,6 +175,8 @@ def settings_from_config(cfg) -> PlanSettings:
         policy_remat=_get(cfg, "policy.remat"),
         simulator_preset=simulator,
         simulator_dtype=str(_get(cfg, "simulator.dtype", "bfloat16")),
+        policy_attention=str(_get(cfg, "policy.attention", "auto")),
+        simulator_attention=str(_get(cfg, "simulator.attention", "auto")),
         simulator_prompt_tokens=_get(cfg, "simulator.max_prompt_tokens"),
         simulator_new_tokens=max(int(_get(cfg, "simulator.max_analyzer_tokens", 0) or 0),
                                  int(_get(cfg, "simulator.max_actor_tokens", 0) or 0)) or turn,
@@ -355,7 +359,7 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
     rules = shd.get_rules(s.rules)
     sampling_rules = shd.get_rules(s.sampling_rules)
     policy_cfg = _model_config(s.policy_preset, s.policy_dtype, s.policy_param_dtype,
-                               s.policy_remat)
+                               s.policy_remat).replace(attention=s.policy_attention)
     prompt_len = max(min(s.seq_len - s.turn_tokens, s.policy_prefill_tokens), 1)
     sampling_batch = s.sampling_batch or s.batch
     out: dict[str, Any] = {
@@ -394,7 +398,8 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
     sampler_scratch = policy["sampler"]["temp"]
     target_sampler_scratch = target_scratch(policy["sampler"])
     if s.simulator_preset:
-        sim_cfg = _model_config(s.simulator_preset, s.simulator_dtype, None, "none")
+        sim_cfg = _model_config(s.simulator_preset, s.simulator_dtype, None,
+                                "none").replace(attention=s.simulator_attention)
         sim = plan_sampler(sim_cfg, mesh, sampling_rules, sampling_batch,
                            s.simulator_prompt_tokens or max(s.seq_len - s.turn_tokens, 1),
                            s.simulator_new_tokens or s.turn_tokens)

@@ -20,7 +20,8 @@ Config fields read (all others are ignored): policy.preset, policy.dtype,
 policy.param_dtype (default: policy.dtype), policy.remat, policy.attention,
 simulator.attention, simulator.kind / .preset / .dtype / .max_prompt_tokens /
 .max_analyzer_tokens / .max_actor_tokens, critic.enabled (default: rl.algorithm ==
-"ppo"), reference.enabled or a KL coefficient > 0, mesh.shape, mesh.rules, mesh.sampling_rules, rollout.batch_dialogues (dialogues sampled together),
+"ppo"), reference.enabled or a KL coefficient > 0, mesh.shape, mesh.rules,
+mesh.sampling_rules, rollout.batch_dialogues (dialogues sampled together),
 rollout.max_dialogue_tokens (sequence length), rollout.max_turn_tokens, rl.mini_batches
 or rl.mini_batch_size (sequences per update step), rl.micro_batch_size,
 rollout.max_prefill_tokens (longest policy prefill, default 2048).

@@ -3,8 +3,13 @@
 Every benchmark appends one JSON object per measured configuration to
 `benchmarks/results/<name>.jsonl` with at least: `benchmark`, `config` (preset, batch,
 prompt length, new tokens, dtype), `peer`, `tokens_per_s`, `peer_tokens_per_s`, `ratio`
-(ours / peer), `compile_s`, `peak_rss_bytes`, `device_memory_bytes` (None on CPU) and
-`machine`.
+(ours / peer), `compile_s`, `peak_rss_bytes`, `device_memory_bytes` (None on CPU),
+`machine` (load average at the run's start included), `load_avg_1m_at_end` and `high_load`
+(the run started at a load above the core count; see `is_high_load`).
+
+Timing: ours and the peer run interleaved (`time_interleaved`: ours, peer, ours, peer, ...)
+for at least 3 rounds; records carry the median and spread of each side (`spread`) and of
+the per-round ratio (`ratio_spread`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import time
 from typing import Any, Callable, Sequence
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# Set by benchmarks.run for the scripts it starts: the 1-minute load average before the suite.
+SUITE_LOAD_ENV = "RLVER_BENCH_SUITE_LOAD"
 
 
 # ------------------------------------------------------------------------ environment
@@ -49,7 +56,31 @@ def machine_info() -> dict[str, Any]:
         info["load_avg_1m"] = round(os.getloadavg()[0], 2)  # other work on a shared box
     except OSError:
         pass
+    suite_load = os.environ.get(SUITE_LOAD_ENV)
+    if suite_load:
+        # Inside a suite the previous benchmark's own work raises the load average; the
+        # suite's load before it started anything is what says whether others were busy.
+        info["suite_load_avg_1m_at_start"] = float(suite_load)
     return info
+
+
+def start_load(machine: dict) -> float | None:
+    """The load average a run started under: the suite's (when run by the suite), else the
+    script's own at start."""
+    load = machine.get("suite_load_avg_1m_at_start")
+    return machine.get("load_avg_1m") if load is None else load
+
+
+def core_count(machine: dict) -> int | None:
+    return machine.get("usable_cpus") or machine.get("cpu_count")
+
+
+def is_high_load(machine: dict) -> bool:
+    """A run that started while more threads were runnable than there are cores: both
+    sides of every comparison shared the machine with other work, so its numbers are
+    kept (flagged) but do not update "where we stand"."""
+    load, cores = start_load(machine), core_count(machine)
+    return load is not None and cores is not None and load > cores
 
 
 def peak_rss_bytes() -> int:
@@ -91,6 +122,10 @@ def base_record(benchmark: str, config: dict, machine: dict) -> dict[str, Any]:
         "config": config,
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine,
+        # Load at the run's start is in `machine`; this is the load when this record was
+        # made, i.e. at the end of its measurement.
+        "load_avg_1m_at_end": load_average(),
+        "high_load": is_high_load(machine),
         "peak_rss_bytes": peak_rss_bytes(),
         "device_memory_bytes": device_memory_bytes(),
     }
@@ -110,6 +145,81 @@ def median_time(fn: Callable[[], Any], repeats: int, min_seconds: float = 0.0) -
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def interleave_order(names: Sequence[str], repeats: int) -> list[str]:
+    """The call order of an interleaved measurement: every variant once per repeat, in the
+    given order (ours, peer, ours, peer, ...), so that a change of machine load during the
+    run hits both sides alike instead of whichever happened to run second."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    return [name for _ in range(repeats) for name in names]
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                     clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+    """Wall times of each warm `fn()` over `repeats` interleaved rounds: {name: [seconds]}.
+
+    Every `fn` must already be warm (compiled, allocated) and must block until its result
+    is ready (`jax.block_until_ready`, `torch.cuda.synchronize`).
+    """
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name in interleave_order(list(fns), repeats):
+        t0 = clock()
+        fns[name]()
+        times[name].append(clock() - t0)
+    return times
+
+
+def spread(times: Sequence[float]) -> dict[str, Any]:
+    """Median, min / max and quartiles (inclusive method) of a list of seconds."""
+    if not times:
+        raise ValueError("spread of no measurements")
+    xs = sorted(float(t) for t in times)
+    q1, _, q3 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 \
+        else (xs[0], xs[0], xs[0])
+    return {"median_s": statistics.median(xs), "min_s": xs[0], "max_s": xs[-1],
+            "q1_s": q1, "q3_s": q3, "n": len(xs), "times_s": [float(t) for t in times]}
+
+
+def ratio_spread(ours_s: Sequence[float], peer_s: Sequence[float]) -> dict[str, Any]:
+    """Speed ratio ours / peer (= peer time / our time) from interleaved rounds: the ratio of
+    the medians, and the min / max of the per-round ratios (round i pairs ours[i] and
+    peer[i], measured back to back under the same load)."""
+    if len(ours_s) != len(peer_s) or not ours_s:
+        raise ValueError(f"ratio_spread needs paired rounds, got {len(ours_s)} and "
+                         f"{len(peer_s)} times")
+    per_round = [p / o for o, p in zip(ours_s, peer_s)]
+    return {"ratio": statistics.median(peer_s) / statistics.median(ours_s),
+            "ratio_min": min(per_round), "ratio_max": max(per_round),
+            "ratio_per_round": per_round}
+
+
+MIN_REPEATS = 3  # interleaved rounds: fewer gives no spread worth the name
+
+
+def check_repeats(parser, repeats: int, minimum: int = MIN_REPEATS) -> None:
+    """A parser error (one line, exit 2) for fewer interleaved rounds than `minimum`."""
+    if repeats < minimum:
+        parser.error(f"--repeats {repeats}: at least {minimum} interleaved rounds are needed "
+                     "for a median and a spread")
+
+
+def timing_fields(times: dict[str, list[float]], ours: str = "ours",
+                  peer: str = "peer") -> dict[str, Any]:
+    """Record fields from `time_interleaved`'s result: `timing` (spread per side) and, with
+    a peer, `ratio` (ours / peer speed, from the medians), `ratio_min`, `ratio_max`."""
+    out: dict[str, Any] = {"timing": {name: spread(ts) for name, ts in times.items()}}
+    if peer in times:
+        out.update(ratio_spread(times[ours], times[peer]))
+    return out
+
+
+def load_average() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def configure_torch_threads(threads: int | None) -> int:

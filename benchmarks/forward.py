@@ -4,13 +4,16 @@
     python -m benchmarks.forward --quick
 
 Both sides hold the same random weights (see `common.build_twin_models`) and compute the
-full [B, T, V] float32 logits. tokens/s = B * T / median wall time of a warm call;
-compile_s is the first call's extra time (trace + XLA compile).
+full [B, T, V] float32 logits, interleaved (ours, peer, ours, ...) for `--repeats` rounds
+(at least 3). tokens/s = B * T / median wall time of a warm call; `timing` holds each
+side's spread and `ratio_min` / `ratio_max` the per-round ratios; compile_s is the first
+call's extra time (trace + XLA compile).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from benchmarks import common
@@ -31,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         args.batch, args.length, args.repeats = [8], [128], 3
+    common.check_repeats(p, args.repeats)
     return args
 
 
@@ -56,22 +60,30 @@ def run(args: argparse.Namespace) -> list[dict]:
             t0 = time.perf_counter()
             jax.block_until_ready(forward(state, ids_j))
             first = time.perf_counter() - t0
-            t = common.median_time(lambda: jax.block_until_ready(forward(state, ids_j)),
-                                   args.repeats)
+            fns = {"ours": lambda: jax.block_until_ready(forward(state, ids_j))}
+            if peer is not None:
+                import torch
+                ids_t = torch.from_numpy(ids.astype(np.int64))
+
+                def peer_forward():
+                    with torch.no_grad():
+                        peer(ids_t)
+
+                peer_forward()  # warm-up: allocator, oneDNN primitive caches
+                fns["peer"] = peer_forward
+            times = common.time_interleaved(fns, args.repeats)
+            t = statistics.median(times["ours"])
             record = common.base_record(
                 "forward", {"preset": args.preset, "batch": batch, "prompt_len": length,
                             "new_tokens": 0, "dtype": args.dtype}, machine)
             record.update(tokens_per_s=batch * length / t, step_s=t,
                           compile_s=max(first - t, 0.0), peer=None, peer_tokens_per_s=None,
                           ratio=None)
+            record.update(common.timing_fields(times))
             if peer is not None:
-                import torch
-                ids_t = torch.from_numpy(ids.astype(np.int64))
-                with torch.no_grad():
-                    peer(ids_t)  # warm-up: allocator, oneDNN primitive caches
-                    t_peer = common.median_time(lambda: peer(ids_t), args.repeats)
+                t_peer = statistics.median(times["peer"])
                 record.update(peer=common.peer_name(), peer_tokens_per_s=batch * length / t_peer,
-                              peer_step_s=t_peer, ratio=t_peer / t)
+                              peer_step_s=t_peer)
                 record["peak_rss_bytes"] = common.peak_rss_bytes()
             print(f"forward {args.preset} B={batch} T={length}: "
                   f"{common.fmt_rate(record['tokens_per_s'])} tok/s, peer "

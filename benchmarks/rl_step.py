@@ -20,7 +20,8 @@ compiled; `averaged_steps` names them):
                            sampler shapes)
 
 There is no peer: no other stack runs this loop (RLVER's reference implementation is a
-multi-process Ray/vLLM job). `peer` fields are None.
+multi-process Ray/vLLM job). `peer` fields are None; `timing` holds the spread of the
+averaged steps' wall times.
 """
 
 from __future__ import annotations
@@ -188,6 +189,8 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict) -> dict:
         compiled_after_warmup=[s["compiled"] for s in measured if s["compiled"]],
         sampler_programs=sampler_programs,
         sampler_programs_flat_after_first=len(set(sampler_programs)) == 1,
+        # No peer to interleave with; the spread of the averaged steps' wall times.
+        timing={"ours": common.spread([s["wall_s"] for s in steady])},
         peer=None, peer_tokens_per_s=None, ratio=None)
     record["peak_rss_bytes"] = common.peak_rss_bytes()
     record["device_memory_bytes"] = common.device_memory_bytes()

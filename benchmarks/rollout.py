@@ -15,7 +15,9 @@ analyzer never parses, so the emotion stays put and every dialogue runs to the l
 Two sweeps: turns (`--turns`, at `--turns_batch` dialogues) and dialogues per batch
 (`--batch`, at `--batch_turns` turns). Reported per configuration:
 
-  dialogues_per_s       dialogues / wall time of a warm rollout (compile excluded)
+  dialogues_per_s       dialogues / median wall time of a warm rollout (compile excluded);
+                        ours and the peer run interleaved (ours, peer, ours, ...) for
+                        `--repeats` rounds; `timing` holds each side's spread
   tokens_per_s          policy tokens sampled / wall time
   all_tokens_per_s      policy + simulator tokens sampled / wall time
   policy_s, analyzer_s, actor_s, other_s
@@ -66,14 +68,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="smallest prefill width of the policy sampler")
     p.add_argument("--think", action="store_true",
                    help="think-then-say rollouts (the KV cache rolls back each turn)")
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--peer", default="reprefill", choices=("reprefill", "none"))
     p.add_argument("--peer_batch_sweep", action="store_true",
                    help="also run the re-prefill peer in the batch sweep")
     p.add_argument("--quick", action="store_true",
                    help="tiny only; turns 1/2/4/8 at 4 dialogues; batch 1/4/16 at 2 turns "
                         "(peer in the turns sweep only); 16-token replies, simulator prompts "
-                        "capped at 256 tokens; one repeat")
+                        "capped at 256 tokens; 3 rounds")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--no_save", action="store_true")
     p.add_argument("--no_plots", action="store_true")
@@ -82,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.preset, args.sim_preset = ["tiny"], "tiny"
         args.turns, args.turns_batch, args.batch, args.batch_turns = [1, 2, 4, 8], 4, [1, 4, 16], 2
         args.turn_tokens, args.sim_tokens, args.sim_prompt_tokens = 16, 16, 256
-        args.repeats, args.peer_batch_sweep = 1, False
+        args.repeats, args.peer_batch_sweep = 3, False
+    common.check_repeats(p, args.repeats)
     return args
 
 
@@ -155,37 +158,61 @@ def _profiles(setup: Setup, batch: int) -> list:
     return [setup.profiles[i % len(setup.profiles)] for i in range(batch)]
 
 
-def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int,
-            continuation: bool, think: bool = False) -> dict[str, Any]:
-    """Warm-up rollout (compiles), then the median of `repeats` identical warm rollouts."""
+def prepare(setup: Setup, turns: int, batch: int, turn_tokens: int, continuation: bool,
+            think: bool = False):
+    """A warm-up rollout (compiles); returns (first call s, a warm rollout fn, the list that
+    fn appends (result, simulator tokens) to)."""
     rollout, user = setup.rollout(turns, turn_tokens, continuation, think)
     profiles = _profiles(setup, batch)
     # The same seed every time: identical work, so the warm runs reuse every program.
     t0 = time.perf_counter()
     rollout.run(setup.policy, profiles, seed=0)
     first = time.perf_counter() - t0
-    runs = []
-    for _ in range(repeats):
+    runs: list = []
+
+    def once():
         sim_tokens = user.stats["simulator_tokens"]
-        t0 = time.perf_counter()
         result = rollout.run(setup.policy, profiles, seed=0)
-        wall = time.perf_counter() - t0
-        runs.append((wall, result, user.stats["simulator_tokens"] - sim_tokens))
-    wall, result, sim_tokens = sorted(runs, key=lambda r: r[0])[len(runs) // 2]
+        runs.append((result, user.stats["simulator_tokens"] - sim_tokens))
+
+    return first, once, runs
+
+
+def summarize(first: float, walls: list[float], runs: list, turns: int,
+              batch: int) -> dict[str, Any]:
+    """The measured fields of one side from its warm runs: the median run's split."""
+    order = sorted(range(len(walls)), key=lambda i: walls[i])
+    i = order[len(order) // 2]
+    wall = statistics.median(walls)
+    result, sim_tokens = runs[i]
     assert all(st.turns == turns for st in result.dialogues), "a dialogue ended early"
     policy_tokens = result.metrics["tokens/policy"]
     timing = dict(result.timing)
     return {
         "wall_s": wall, "first_s": first, "compile_s": max(first - wall, 0.0),
         "policy_s": timing["policy_s"], "analyzer_s": timing["analyzer_s"],
-        "actor_s": timing["actor_s"], "other_s": wall - sum(timing.values()),
+        "actor_s": timing["actor_s"], "other_s": walls[i] - sum(timing.values()),
         "policy_tokens": policy_tokens, "simulator_tokens": sim_tokens,
         "tokens_per_s": policy_tokens / wall,
         "all_tokens_per_s": (policy_tokens + sim_tokens) / wall,
         "dialogues_per_s": batch / wall,
         "dialogue_tokens_mean": sum(len(s.tokens) for s in result.samples) / len(result.samples),
-        "wall_s_all": [r[0] for r in runs],
+        "wall_s_all": list(walls),
     }
+
+
+def measure(setup: Setup, turns: int, batch: int, turn_tokens: int, repeats: int,
+            with_peer: bool, think: bool = False):
+    """Ours (continuing each row's cache) and, with a peer, the re-prefilling rollout:
+    both warmed up, then `repeats` interleaved rounds (ours, peer, ours, ...).
+    Returns (ours, peer or None, timing fields for the record)."""
+    sides = {"ours": prepare(setup, turns, batch, turn_tokens, True, think)}
+    if with_peer:
+        sides["peer"] = prepare(setup, turns, batch, turn_tokens, False, think)
+    times = common.time_interleaved({k: v[1] for k, v in sides.items()}, repeats)
+    out = {k: summarize(first, times[k], runs, turns, batch)
+           for k, (first, _, runs) in sides.items()}
+    return out["ours"], out.get("peer"), common.timing_fields(times)
 
 
 def growth_exponent(xs: list[float], ys: list[float]) -> float | None:
@@ -207,7 +234,7 @@ _MEASURED_PEER = ("tokens_per_s", "dialogues_per_s", "wall_s", "policy_s", "anal
                   "actor_s", "compile_s")
 
 def _record(setup: Setup, args, machine, sweep: str, turns: int, batch: int,
-            ours: dict, peer: dict | None) -> dict:
+            ours: dict, peer: dict | None, timing: dict) -> dict:
     config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
               "sweep": sweep, "turns": turns, "batch": batch, "turn_tokens": args.turn_tokens,
               "sim_tokens": args.sim_tokens, "sim_prompt_tokens": args.sim_prompt_tokens,
@@ -221,8 +248,8 @@ def _record(setup: Setup, args, machine, sweep: str, turns: int, batch: int,
                       peer_dialogues_per_s=peer["dialogues_per_s"], peer_wall_s=peer["wall_s"],
                       peer_policy_s=peer["policy_s"], peer_analyzer_s=peer["analyzer_s"],
                       peer_actor_s=peer["actor_s"], peer_compile_s=peer["compile_s"],
-                      ratio=peer["wall_s"] / ours["wall_s"],
                       policy_ratio=peer["policy_s"] / ours["policy_s"])
+    record.update(timing)  # ratio (peer wall / ours, medians), its per-round min / max
     record["compilations"] = setup.policy_sampler.num_compilations + (
         0 if setup.sim_sampler is setup.policy_sampler else setup.sim_sampler.num_compilations)
     record["peak_rss_bytes"] = common.peak_rss_bytes()
@@ -251,12 +278,10 @@ def run(args: argparse.Namespace) -> list[dict]:
         with_peer = args.peer == "reprefill"
         sweep = []
         for turns in sorted(args.turns):
-            ours = measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats, True,
-                           args.think)
-            peer = (measure(setup, turns, args.turns_batch, args.turn_tokens, args.repeats,
-                            False, args.think) if with_peer else None)
+            ours, peer, timing = measure(setup, turns, args.turns_batch, args.turn_tokens,
+                                         args.repeats, with_peer, args.think)
             record = _record(setup, args, machine, "turns", turns, args.turns_batch, ours,
-                             peer)
+                             peer, timing)
             _print(record)
             sweep.append(record)
         turns_list = [r["config"]["turns"] for r in sweep]
@@ -285,13 +310,16 @@ def run(args: argparse.Namespace) -> list[dict]:
                 ours = {k: reuse[k] for k in _MEASURED}
                 peer = ({k: reuse["peer_" + k] for k in _MEASURED_PEER}
                         if peer_here and reuse["peer"] else None)
+                timing = {"timing": {k: v for k, v in reuse["timing"].items()
+                                     if k == "ours" or peer is not None}}
+                if peer is not None:
+                    timing.update({k: reuse[k] for k in ("ratio", "ratio_min", "ratio_max",
+                                                         "ratio_per_round")})
             else:
-                ours = measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
-                               True, args.think)
-                peer = (measure(setup, args.batch_turns, batch, args.turn_tokens, args.repeats,
-                                False, args.think) if peer_here else None)
+                ours, peer, timing = measure(setup, args.batch_turns, batch, args.turn_tokens,
+                                             args.repeats, peer_here, args.think)
             record = _record(setup, args, machine, "batch", args.batch_turns, batch, ours,
-                             peer)
+                             peer, timing)
             _print(record)
             records.append(record)
     if not args.no_save:

@@ -1,6 +1,7 @@
 """Runs a benchmark suite, measures the machine's roofline, and regenerates the README tables.
 
-    python -m benchmarks.run --suite quick          # `make bench`: well under 10 min on 2 cores
+    python -m benchmarks.run --suite quick          # `make bench`: about 10 min on 2 cores
+    python -m benchmarks.run --suite targets        # the configurations the targets name
     python -m benchmarks.run --suite full           # the full grids (hours on a CPU)
     python -m benchmarks.run --suite quick --only train_step rl_step --out scratch_results
 
@@ -8,8 +9,10 @@ Each benchmark runs in its own Python process: peak RSS is then that benchmark's
 caches do not carry over, and one failure does not stop the suite (the exit status is 1 if
 any benchmark failed). Results are appended as JSON lines to `<out>/<benchmark>.jsonl`;
 the roofline probes go to `<out>/roofline.jsonl` and the suite's own timings to
-`<out>/suite.jsonl`. When `--out` is the default results folder, the tables in
-benchmarks/README.md are regenerated (`benchmarks.report`).
+`<out>/suite.jsonl`. When `--out` is the default results folder, the tables and "where we
+stand" in benchmarks/README.md are regenerated (`benchmarks.report`); a run whose load
+average at its start exceeded the core count is recorded with `high_load` and does not
+replace quiet numbers there.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ TUNIX_PYTHON = os.path.join(HERE, ".venv-tunix", "bin", "python")
 # Per suite: benchmark module -> its command-line arguments (its own parse_args).
 SUITES: dict[str, dict[str, list[str]]] = {
     "quick": {
+        "attention": ["--quick"],
         "forward": ["--quick"],
         "sampling": ["--quick"],
         "rollout": ["--quick"],
@@ -36,7 +40,18 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "rl_step": ["--quick"],
         "peers.tunix_sampler": ["--quick"],
     },
+    # Exactly the configurations "where we stand" judges beyond the quick ones (issue #13's
+    # targets at full size), in one run so that one start load covers them all.
+    "targets": {
+        "attention": ["--length", "1024", "2048", "4096", "8192"],
+        "forward": ["--batch", "1", "--length", "2048"],
+        "sampling": ["--batch", "1", "8", "--prompt_len", "128", "512", "--new_tokens", "32"],
+        "train_step": ["--preset", "small-100m", "--batch", "2", "--length", "512", "2048"],
+        "peers.tunix_sampler": ["--batch", "8", "--prompt_len", "128", "512",
+                                "--new_tokens", "32"],
+    },
     "full": {
+        "attention": ["--backward"],
         "forward": ["--batch", "1", "8", "--length", "128", "512", "2048"],
         "sampling": [],
         "rollout": [],
@@ -134,6 +149,10 @@ def main(argv=None) -> None:
                          f"{sorted(suite)}")
     t_suite = time.perf_counter()
     load_start = os.getloadavg()[0]
+    # Every benchmark (and the suite record) judges "high load" by the load before the suite
+    # began: later, the suite's own previous benchmark keeps the load average near the core
+    # count.
+    os.environ[common.SUITE_LOAD_ENV] = f"{load_start:.2f}"
     summary: dict[str, dict] = {}
     if not args.no_roofline:
         t0 = time.perf_counter()
@@ -157,14 +176,17 @@ def main(argv=None) -> None:
     record.update(benchmarks=summary, wall_s=time.perf_counter() - t_suite,
                   load_avg_1m_at_start=round(load_start, 2),
                   load_avg_1m_at_end=round(os.getloadavg()[0], 2),
+                  cores=common.core_count(record["machine"]),
                   peer=None, tokens_per_s=None, peer_tokens_per_s=None, ratio=None)
     common.append_results("suite", [record], out)
 
     from benchmarks import report
-    table = report.render(report.load(out))
+    records = report.load(out)
+    table, standing = report.render(records), report.render_standing(records)
     if not args.no_readme and out == os.path.abspath(common.RESULTS_DIR):
-        report.update_readme(table)
+        report.update_readme(table, standing_table=standing)
     print(table)
+    print(standing)
     print(f"suite {args.suite}: {record['wall_s']:.0f}s; " + ", ".join(
         f"{k} {v['status']}" for k, v in summary.items()))
     if any(v["status"].startswith("failed") for v in summary.values()):

@@ -8,8 +8,11 @@ Both sides decode greedily from the same weights and prompts, exactly `--new_tok
 (no stop tokens for us, `min_new_tokens=max_new_tokens` for transformers).
 
 Reported per configuration:
-  tokens_per_s / peer_tokens_per_s   B * N / wall time of a whole warm generate call
-                                     (prefill + decode), compile excluded; `ratio` = ours/peer.
+  tokens_per_s / peer_tokens_per_s   B * N / median wall time of a whole warm generate call
+                                     (prefill + decode), compile excluded; `ratio` = ours/peer;
+                                     ours and the peer run interleaved (ours, peer, ours, ...)
+                                     for `--repeats` rounds: `timing` / `prefill_timing` hold
+                                     each side's spread, `ratio_min` / `ratio_max` the rounds'.
   decode_tokens_per_s (+ peer_)      B * N / (generate time - prefill time).
   compile_s                          first call's extra time (prefill + decode programs).
   roofline                           per decode step, ideal time = max(bytes / bandwidth,
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import statistics
 import time
 
 from benchmarks import common
@@ -36,16 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--prompt_len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--peer", default="transformers", choices=("transformers", "none"))
     p.add_argument("--torch_threads", type=int, default=None)
     p.add_argument("--quick", action="store_true",
-                   help="batch 1 and 8, prompt 128, 16 new tokens, one repeat")
+                   help="batch 1 and 8, prompt 128, 16 new tokens, 3 rounds")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--no_save", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.prompt_len, args.new_tokens, args.repeats = [1, 8], [128], 16, 1
+        args.batch, args.prompt_len, args.new_tokens, args.repeats = [1, 8], [128], 16, 3
+    common.check_repeats(p, args.repeats)
     return args
 
 
@@ -96,8 +101,8 @@ def roofline(config, model, batch: int, prompt_len: int, new_tokens: int,
             "bound": "memory" if memory_s >= compute_s else "compute"}
 
 
-def _time_ours(sampler, model, prompts, new_tokens, repeats):
-    """(first call s, warm generate s, warm prefill s) of our sampler."""
+def _ours_calls(sampler, model, prompts, new_tokens):
+    """(first call s, warm generate fn, warm prefill fn) of our sampler; both fns block."""
     import jax
     import numpy as np
     from flax import nnx
@@ -108,8 +113,10 @@ def _time_ours(sampler, model, prompts, new_tokens, repeats):
     out = sampler.generate(model, prompts, new_tokens)
     first = time.perf_counter() - t0
     assert all(len(t) == new_tokens for t in out.tokens), "a row stopped early"
-    # generate() returns host lists, so it has waited for the device.
-    total = common.median_time(lambda: sampler.generate(model, prompts, new_tokens), repeats)
+
+    def generate():
+        # generate() returns host lists, so it has waited for the device.
+        sampler.generate(model, prompts, new_tokens)
 
     # The prefill alone, with the very shapes (already compiled) that generate uses.
     batch = next_power_of_two(len(prompts))
@@ -130,12 +137,11 @@ def _time_ours(sampler, model, prompts, new_tokens, repeats):
     prefill()
     if sampler.num_compilations != before:
         raise RuntimeError("prefill timing recompiled: shapes differ from generate's")
-    prefill_s = common.median_time(prefill, max(repeats, 3))
-    return first, total, prefill_s
+    return first, generate, prefill
 
 
-def _time_peer(peer, prompts, new_tokens, repeats):
-    """(warm generate s, warm prefill s) of transformers' greedy generate."""
+def _peer_calls(peer, prompts, new_tokens):
+    """(warm generate fn, warm prefill fn) of transformers' greedy generate."""
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -143,19 +149,20 @@ def _time_peer(peer, prompts, new_tokens, repeats):
     kwargs = dict(attention_mask=mask, do_sample=False, max_new_tokens=new_tokens,
                   min_new_tokens=new_tokens, pad_token_id=0, top_k=None, top_p=None,
                   temperature=None)
+
+    def generate():
+        with torch.no_grad():
+            out = peer.generate(ids, **kwargs)
+        assert out.shape[1] == ids.shape[1] + new_tokens
+
+    def prefill():
+        with torch.no_grad():
+            peer(ids, attention_mask=mask, use_cache=True)
+
     with torch.no_grad():
         peer.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-        out = None
-
-        def gen():
-            nonlocal out
-            out = peer.generate(ids, **kwargs)
-
-        total = common.median_time(gen, repeats)
-        assert out.shape[1] == ids.shape[1] + new_tokens
-        prefill_s = common.median_time(lambda: peer(ids, attention_mask=mask, use_cache=True),
-                                       max(repeats, 2))
-    return total, prefill_s
+    prefill()
+    return generate, prefill
 
 
 def run(args: argparse.Namespace) -> list[dict]:
@@ -170,7 +177,15 @@ def run(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch:
             prompts = common.random_prompts(batch, prompt_len, config.vocab_size,
                                             seed=batch * 7919 + prompt_len)
-            first, total, prefill_s = _time_ours(sampler, model, prompts, n, args.repeats)
+            first, generate, prefill = _ours_calls(sampler, model, prompts, n)
+            generates, prefills = {"ours": generate}, {"ours": prefill}
+            if peer is not None:
+                generates["peer"], prefills["peer"] = _peer_calls(peer, prompts, n)
+            # Interleaved rounds (ours, peer, ours, ...): whole generate calls, then prefills.
+            times = common.time_interleaved(generates, args.repeats)
+            prefill_times = common.time_interleaved(prefills, args.repeats)
+            total = statistics.median(times["ours"])
+            prefill_s = statistics.median(prefill_times["ours"])
             step_s = (total - prefill_s) / n
             record = common.base_record(
                 "sampling", {"preset": args.preset, "batch": batch, "prompt_len": prompt_len,
@@ -181,12 +196,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                 peer=None, peer_tokens_per_s=None, peer_decode_tokens_per_s=None, ratio=None,
                 decode_ratio=None, compilations=sampler.num_compilations,
                 roofline=roofline(config, model, batch, prompt_len, n, step_s))
+            record.update(common.timing_fields(times))
+            record["prefill_timing"] = common.timing_fields(prefill_times)["timing"]
             if peer is not None:
-                p_total, p_prefill = _time_peer(peer, prompts, n, args.repeats)
+                p_total = statistics.median(times["peer"])
+                p_prefill = statistics.median(prefill_times["peer"])
                 record.update(
                     peer=common.peer_name(), peer_tokens_per_s=batch * n / p_total,
                     peer_decode_tokens_per_s=batch * n / max(p_total - p_prefill, 1e-9),
-                    peer_generate_s=p_total, peer_prefill_s=p_prefill, ratio=p_total / total,
+                    peer_generate_s=p_total, peer_prefill_s=p_prefill,
                     decode_ratio=max(p_total - p_prefill, 1e-9) / (total - prefill_s))
             record["peak_rss_bytes"] = common.peak_rss_bytes()
             record["device_memory_bytes"] = common.device_memory_bytes()

@@ -1,6 +1,6 @@
 """Update-step throughput: our jitted policy step vs torch forward + backward, same batch.
 
-    python -m benchmarks.train_step --quick        # small-100m, batch 2, T 128/256/512, ~3 min
+    python -m benchmarks.train_step --quick        # small-100m, batch 2, T 128/512, 3 rounds
     python -m benchmarks.train_step --preset small-100m --batch 8 --length 128 256 512 1024 2048
     python -m benchmarks.train_step --preset qwen2.5-7b --dtype bfloat16 --peer none   # a GPU
 
@@ -15,7 +15,11 @@ backward only; its AdamW step is timed separately (`peer_optimizer_s`) and repor
 against the cheaper torch program: the ratio is conservative.
 
 Reported per configuration:
-  tokens_per_s / peer_tokens_per_s   B * T / median warm step time; `ratio` = ours / peer.
+  tokens_per_s / peer_tokens_per_s   B * T / median warm step time; `ratio` = ours / peer;
+                                     ours and the peer's forward + backward run interleaved
+                                     (ours, peer, ours, ...) for `--repeats` rounds: `timing`
+                                     holds each side's spread, `ratio_min` / `ratio_max` the
+                                     rounds'.
   compile_s                          first call's extra time (trace + XLA compile).
   memory                             our compiled program's argument / output / temp bytes
                                      (XLA memory analysis); peak RSS of the process (CPU) or
@@ -36,6 +40,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import statistics
 import time
 
 from benchmarks import common
@@ -59,14 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--length", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--logprob_chunk", type=int, default=1024,
                    help="UpdateSettings.logprob_chunk (LM-head chunk length)")
     p.add_argument("--remat", default="none", help="model remat policy (none/full/dots)")
     p.add_argument("--peer", default="transformers", choices=("transformers", "none"))
     p.add_argument("--torch_threads", type=int, default=None)
     p.add_argument("--quick", action="store_true",
-                   help="small-100m, batch 2, lengths 128/256/512, one repeat")
+                   help="small-100m, batch 2, lengths 128/512, 3 rounds")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--plot", default=None,
                    help=f"PNG path (default: <results_dir>/{PLOT_NAME}; 'none' to skip)")
@@ -74,8 +79,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.quick:
         # small-100m only: tiny's step is all overhead, and every new shape costs a compile.
+        # 128 and 512 (the target length): each length is one more ~30 s compile.
         args.preset, args.batch, args.length, args.repeats = (["small-100m"], [2],
-                                                              [128, 256, 512], 1)
+                                                              [128, 512], 3)
+    common.check_repeats(p, args.repeats)
     return args
 
 
@@ -138,11 +145,9 @@ def _memory_analysis(updater, state, batch) -> dict | None:
             for k in ("argument", "output", "temp", "generated_code", "alias")}
 
 
-def _time_ours(updater, state, batch, repeats):
-    """(first call s, median warm step s, final state, compilations while timing).
-
-    The step donates its state; the caller must use the returned one.
-    """
+def _ours_step(updater, state, batch):
+    """(first call s, warm step fn, holder of the current state). The step donates its
+    state: `holder[0]` is the live one after any call."""
     import jax
 
     # Commit the state to its devices: a fresh (uncommitted) state and the step's committed
@@ -159,9 +164,7 @@ def _time_ours(updater, state, batch, repeats):
     first = time.perf_counter() - t0
     if not all(bool(jax.numpy.isfinite(v)) for v in jax.tree.leaves(metrics)):
         raise RuntimeError(f"non-finite update metrics: {metrics}")
-    with CompileCounter() as compiles:
-        t = common.median_time(step, repeats)
-    return first, t, holder[0], compiles.count
+    return first, step, holder
 
 
 # ------------------------------------------------------------------------------ peer
@@ -170,8 +173,8 @@ def _peer_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _time_peer(peer, ids_np, repeats) -> dict:
-    """Median warm forward + backward s, AdamW step s, and peak CUDA bytes (if any)."""
+def _peer_calls(peer, ids_np):
+    """(warm forward + backward fn, AdamW step fn, sync) of the torch twin."""
     import numpy as np
     import torch
 
@@ -191,7 +194,13 @@ def _time_peer(peer, ids_np, repeats) -> dict:
     loss = fwd_bwd()  # warm-up: allocator, oneDNN primitive caches
     if not torch.isfinite(loss):
         raise RuntimeError("peer loss is not finite")
-    t = common.median_time(fwd_bwd, repeats)
+    return fwd_bwd, sync
+
+
+def _time_peer_optimizer(peer, sync, repeats) -> dict:
+    """Median AdamW step s (after a forward + backward left gradients) and peak CUDA bytes."""
+    import torch
+
     # Learning rate 0: the weights stay those of our twin for the next configuration.
     opt = torch.optim.AdamW(peer.parameters(), lr=0.0)
 
@@ -203,8 +212,9 @@ def _time_peer(peer, ids_np, repeats) -> dict:
     t_opt = common.median_time(opt_step, max(repeats, 2))
     del opt
     peer.zero_grad(set_to_none=True)
+    device = _peer_device()
     mem = int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None
-    return {"step_s": t, "optimizer_s": t_opt, "device_memory_bytes": mem}
+    return {"optimizer_s": t_opt, "device_memory_bytes": mem}
 
 
 # ------------------------------------------------------------------------------- run
@@ -236,8 +246,15 @@ def _run_preset(args, preset: str, machine: dict) -> list[dict]:
             ids = np.asarray(common.random_prompts(batch, length, config.vocab_size,
                                                    seed=batch * 131 + length), np.int32)
             train_batch = _train_batch(jnp.asarray(ids))
-            first, t, state, recompiles = _time_ours(updater, state, train_batch,
-                                                     args.repeats)
+            first, step, holder = _ours_step(updater, state, train_batch)
+            fns = {"ours": step}
+            if peer is not None:
+                fns["peer"], sync = _peer_calls(peer, ids)
+            with CompileCounter() as compiles:
+                # Interleaved rounds: ours, peer (forward + backward), ours, ...
+                times = common.time_interleaved(fns, args.repeats)
+            state, recompiles = holder[0], compiles.count
+            t = statistics.median(times["ours"])
             memory = _memory_analysis(updater, state, train_batch)
             flops = step_flops(config, batch, length)
             achieved = flops / t
@@ -255,15 +272,16 @@ def _run_preset(args, preset: str, machine: dict) -> list[dict]:
                           "roofline_fraction": achieved / measured,
                           "peak_flops_per_s": peak,
                           "mfu": achieved / peak if peak else None})
+            record.update(common.timing_fields(times))
             if peer is not None:
-                p = _time_peer(peer, ids, args.repeats)
+                p = {"step_s": statistics.median(times["peer"]),
+                     **_time_peer_optimizer(peer, sync, args.repeats)}
                 record.update(
                     peer=common.peer_name(), peer_tokens_per_s=batch * length / p["step_s"],
                     peer_step_s=p["step_s"], peer_optimizer_s=p["optimizer_s"],
                     peer_with_optimizer_tokens_per_s=batch * length
                     / (p["step_s"] + p["optimizer_s"]),
                     peer_device_memory_bytes=p["device_memory_bytes"],
-                    ratio=p["step_s"] / t,
                     ratio_with_optimizer=(p["step_s"] + p["optimizer_s"]) / t)
             record["peak_rss_bytes"] = common.peak_rss_bytes()
             record["device_memory_bytes"] = common.device_memory_bytes()

@@ -13,12 +13,12 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.total_steps = 1000
-    # Policy tokenizer: "qwen2.5" (bundled), "tiny" (CPU presets) or an HF tokenizer dir.
+    # Policy tokenizer: "qwen2.5" (bundled), "tiny" (CPU presets), an HF tokenizer dir or hub id.
     c.tokenizer = "qwen2.5"
 
     c.policy = ml_collections.ConfigDict()
     c.policy.preset = "qwen2.5-7b"      # architecture when no hf_dir is given (random init)
-    c.policy.hf_dir = ""                # local HF directory with real weights
+    c.policy.hf_dir = ""                # real weights: a local HF directory or a hub id[@rev]
     c.policy.dtype = "bfloat16"
     c.policy.remat = "full"
     # Attention implementation per model (models/attention.py): "auto" picks per backend.
@@ -132,6 +132,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.log.plots = True
     c.log.progress = True
     c.log.every_process = False         # multi-host: also write metrics.process<N>.jsonl
+    c.log.wandb_project = ""            # Weights & Biases project ('' = off; needs [wandb])
+    c.log.wandb_mode = "online"         # online | offline (files under WORKDIR/wandb)
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0                    # 0: no evaluation during training

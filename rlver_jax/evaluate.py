@@ -1,7 +1,8 @@
 """Sentient-benchmark-style evaluation of a policy against a simulated user.
 
-    python -m rlver_jax.evaluate (--workdir DIR [--step N] | --hf_model DIR) --profiles FILE
-        --out DIR [--simulator rule|llm] [--simulator_hf_dir DIR] [--simulator_preset NAME]
+    python -m rlver_jax.evaluate (--workdir DIR [--step N] | --hf_model DIR|HUB_ID)
+        --profiles FILE --out DIR [--simulator rule|llm] [--simulator_hf_dir DIR|HUB_ID]
+        [--simulator_preset NAME]
         [--tokenizer SPEC] [--think|--nothink] [--max_dialogues N] [--max_turn_tokens N]
         [--temperature T] [--seed S] [--difficulty sage|hard|strict] [--batch_size N]
 
@@ -297,15 +298,14 @@ def write_outputs(report: Report, out_dir: str | os.PathLike) -> list[str]:
     """Writes report.json, dialogues.jsonl and the plots; returns the file names."""
     from rlver_jax import plots
 
-    out_dir = os.fspath(out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    path = lambda name: os.path.join(out_dir, name)  # noqa: E731
-    with open(path("report.json"), "w", encoding="utf-8") as f:
-        json.dump(report.to_dict(), f, indent=2, ensure_ascii=False)
-        f.write("\n")
-    with open(path("dialogues.jsonl"), "w", encoding="utf-8") as f:
-        for r in report.records:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    from rlver_jax import storage
+
+    storage.makedirs(out_dir)
+    path = lambda name: storage.join(out_dir, name)  # noqa: E731
+    storage.write_text(path("report.json"),
+                       json.dumps(report.to_dict(), indent=2, ensure_ascii=False) + "\n")
+    storage.write_text(path("dialogues.jsonl"), "".join(
+        json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in report.records))
     toy = " [TOY rule simulator]" if report.simulator.get("toy") else ""
     plots.plot_emotion_trajectories(report.records, path("emotion_trajectories.png"),
                                     title=f"Emotion per turn (n={report.n}){toy}")
@@ -404,10 +404,18 @@ def _hf_dtype(hf_dir: str) -> str:
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
+def _model_dir(spec: str, what: str) -> str:
+    """A local directory for `spec`: itself, or a hub id resolved through the HF cache."""
+    from rlver_jax.model_source import ModelSourceError, resolve_model_dir
+    try:
+        return resolve_model_dir(spec, what=what)
+    except ModelSourceError as e:
+        raise EvaluateError(str(e)) from e
+
+
 def _load_hf_model(hf_dir: str, dtype: str, mesh, rules, what: str):
     from rlver_jax.models import CheckpointFormatError, load_hf
-    if not os.path.isdir(hf_dir):
-        raise EvaluateError(f"{what} directory not found: {hf_dir}")
+    hf_dir = _model_dir(hf_dir, what)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise EvaluateError(f"{what} directory {hf_dir} has no config.json")
     try:
@@ -535,15 +543,18 @@ def _define_flags():
     d = dict(flag_values=fv)
     flags.DEFINE_string("workdir", None, "training workdir (holds checkpoints/)", **d)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", **d)
-    flags.DEFINE_string("hf_model", None, "HF Qwen2 directory of the policy", **d)
+    flags.DEFINE_string("hf_model", None, "HF Qwen2 directory or hub id (ORG/NAME[@REV]) of the "
+                        "policy", **d)
     flags.DEFINE_string("profiles", None, "profile jsonl (RLVER / SAGE schema) or a shipped "
                         f"set ({', '.join(sorted(SHIPPED))})", **d)
-    flags.DEFINE_string("out", None, "output directory (report.json, dialogues.jsonl, PNGs)",
+    flags.DEFINE_string("out", None, "output directory or gs:// URL (report.json, "
+                        "dialogues.jsonl, PNGs)",
                         **d)
     flags.DEFINE_enum("simulator", None, ["rule", "llm"], "simulated user (default: llm when "
                       "--simulator_hf_dir or --simulator_preset is given, else the TOY rule "
                       "judge)", **d)
-    flags.DEFINE_string("simulator_hf_dir", None, "HF directory of the simulator LLM", **d)
+    flags.DEFINE_string("simulator_hf_dir", None, "HF directory or hub id of the simulator LLM",
+                        **d)
     flags.DEFINE_string("simulator_preset", None, "random-weight simulator of this preset "
                         "(smoke tests only)", **d)
     flags.DEFINE_string("simulator_tokenizer", None, "simulator tokenizer spec (default: the "
@@ -616,14 +627,15 @@ def run(fv, log: Callable[[str], None]) -> Report:
         raise EvaluateError("pass --workdir DIR (training checkpoint) or --hf_model DIR")
     if fv.workdir and fv.hf_model:
         raise EvaluateError("pass only one of --workdir and --hf_model")
-    if fv.workdir and not os.path.isdir(fv.workdir):
+    from rlver_jax import storage
+    if fv.workdir and not storage.path(fv.workdir).is_dir():
         raise EvaluateError(f"workdir not found: {fv.workdir}")
-    if fv.hf_model and not os.path.isdir(fv.hf_model):
-        raise EvaluateError(f"HF model directory not found: {fv.hf_model}")
-    if fv.simulator_hf_dir and not os.path.isdir(fv.simulator_hf_dir):
-        raise EvaluateError(f"simulator model directory not found: {fv.simulator_hf_dir}")
     # Profiles first: a bad file should fail before minutes of model loading.
     profiles, profiles_desc = resolve_profiles(fv.profiles, fv.max_dialogues)
+    # Hub ids resolve (and download) next: a missing model fails before the other one loads.
+    if fv.hf_model:
+        _model_dir(fv.hf_model, "--hf_model")
+    sim_dir = fv.simulator_hf_dir and _model_dir(fv.simulator_hf_dir, "--simulator_hf_dir")
     kind = fv.simulator or ("llm" if fv.simulator_hf_dir or fv.simulator_preset else "rule")
     if kind == "llm" and not (fv.simulator_hf_dir or fv.simulator_preset):
         raise EvaluateError("--simulator=llm needs --simulator_hf_dir (or --simulator_preset "
@@ -659,8 +671,8 @@ def run(fv, log: Callable[[str], None]) -> Report:
             top_p=fv.top_p, unclosed_think="pass")
         if kind == "llm":
             sim_tok_spec = fv.simulator_tokenizer
-            if not sim_tok_spec and fv.simulator_hf_dir and os.path.isfile(
-                    os.path.join(fv.simulator_hf_dir, "tokenizer_config.json")):
+            if not sim_tok_spec and sim_dir and os.path.isfile(
+                    os.path.join(sim_dir, "tokenizer_config.json")):
                 sim_tok_spec = fv.simulator_hf_dir
             sim_tok = (_load_tokenizer(sim_tok_spec, "simulator") if sim_tok_spec
                        else policy.tokenizer)

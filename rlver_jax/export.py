@@ -14,7 +14,8 @@ and the tokenizer files with the ChatML template, so `AutoModelForCausalLM.from_
 (policy) or `AutoModelForTokenClassification.from_pretrained` (critic: backbone +
 `score.weight`) and `AutoTokenizer.from_pretrained` load it. Files are written into a
 temporary sibling directory and moved into place at the end, so an interrupted export never
-leaves a half-written model under the output name.
+leaves a half-written model under the output name. `--workdir` and `--out` may be gs:// URLs
+(an `--out` URL is written locally first, then uploaded file by file).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from typing import Sequence
 
 import jax
 from flax import nnx
 
+from rlver_jax import storage
 from rlver_jax.checkpoint import Checkpointer, CheckpointError, abstract_like
 from rlver_jax.models.config import Qwen2Config
 from rlver_jax.models.hf_io import DEFAULT_MAX_SHARD_BYTES, save_hf
@@ -50,10 +53,10 @@ class ExportError(ValueError):
 def open_workdir(workdir: str | os.PathLike) -> Checkpointer:
     """A read-only `Checkpointer` on `WORKDIR/checkpoints`, with clear errors."""
     workdir = os.fspath(workdir)
-    if not os.path.isdir(workdir):
+    if not storage.path(workdir).is_dir():
         raise ExportError(f"workdir not found: {workdir}")
-    ckpt_dir = os.path.join(workdir, CHECKPOINT_SUBDIR)
-    if not os.path.isdir(ckpt_dir):
+    ckpt_dir = storage.join(workdir, CHECKPOINT_SUBDIR)
+    if not storage.path(ckpt_dir).is_dir():
         raise ExportError(f"no checkpoint directory in workdir {workdir} "
                           f"(expected {ckpt_dir}, written by training)")
     ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -139,17 +142,21 @@ def parse_size(text: str | int) -> int:
 
 
 def _check_out_dir(out: str, workdir: str, overwrite: bool) -> None:
-    out_real, work_real = os.path.realpath(out), os.path.realpath(workdir)
+    if storage.is_remote(out) or storage.is_remote(workdir):
+        out_real, work_real = out.rstrip("/"), workdir.rstrip("/")
+    else:
+        out_real, work_real = os.path.realpath(out), os.path.realpath(workdir)
     if out_real == work_real or work_real.startswith(out_real + os.sep):
         raise ExportError(f"output directory {out} would contain the workdir {workdir}; "
                           "choose another --out")
     ckpt_real = os.path.join(work_real, CHECKPOINT_SUBDIR)
     if out_real == ckpt_real or out_real.startswith(ckpt_real + os.sep):
         raise ExportError(f"output directory {out} is inside the checkpoint directory")
-    if os.path.exists(out):
-        if not os.path.isdir(out):
+    out_path = storage.path(out)
+    if out_path.exists():
+        if not out_path.is_dir():
             raise ExportError(f"output path {out} exists and is not a directory")
-        if os.listdir(out) and not overwrite:
+        if any(out_path.iterdir()) and not overwrite:
             raise ExportError(f"output directory {out} is not empty; pass --overwrite to "
                               "replace its contents")
 
@@ -194,9 +201,12 @@ def _export(workdir, out, step, model, dtype, overwrite, max_shard_bytes, tokeni
 
     # Written next to `out` and renamed at the end: an interrupted export leaves no
     # half-written model under the final name. The name is fixed so that every process of
-    # a multi-host export agrees on it (only process 0 writes files).
-    out_abs = os.path.abspath(out)
-    tmp = out_abs.rstrip(os.sep) + ".export-tmp"
+    # a multi-host export agrees on it (only process 0 writes files). A remote `out` is
+    # staged in a local directory of the same fixed name under the system temp dir.
+    remote = storage.is_remote(out)
+    out_abs = out if remote else os.path.abspath(out)
+    tmp = (os.path.join(tempfile.gettempdir(), "rlver_jax-export-" + re.sub(
+        r"[^\w.-]", "_", out.rstrip("/"))) if remote else out_abs.rstrip(os.sep)) + ".export-tmp"
     writer = jax.process_index() == 0
     if writer and os.path.exists(tmp):
         shutil.rmtree(tmp)
@@ -208,7 +218,13 @@ def _export(workdir, out, step, model, dtype, overwrite, max_shard_bytes, tokeni
         before = set(os.listdir(tmp))
         tok.save_pretrained(tmp)
         files += sorted(set(os.listdir(tmp)) - before)
-    if os.path.exists(out_abs):
+    if remote:
+        # Object stores have no rename of a directory: upload, then drop the local copy.
+        if storage.path(out).exists():
+            storage.path(out).rmtree()
+        storage.copy_tree(tmp, out)
+        shutil.rmtree(tmp)
+    elif os.path.exists(out_abs):
         old = out_abs.rstrip(os.sep) + ".export-old"
         if os.path.exists(old):
             shutil.rmtree(old)
@@ -227,8 +243,9 @@ def _define_flags():
     # --workdir; absl's global registry would reject the duplicate.
     from absl import flags
     fv = flags.FlagValues()
-    flags.DEFINE_string("workdir", None, "training workdir (holds checkpoints/)", flag_values=fv)
-    flags.DEFINE_string("out", None, "output HF directory", flag_values=fv)
+    flags.DEFINE_string("workdir", None, "training workdir or gs:// URL (holds checkpoints/)",
+                        flag_values=fv)
+    flags.DEFINE_string("out", None, "output HF directory (or gs:// URL)", flag_values=fv)
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
     flags.DEFINE_enum("model", "policy", sorted(MODELS), "which model to export", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
@@ -237,7 +254,8 @@ def _define_flags():
     flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file (5GB, 2GiB, ...)",
                         flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "tokenizer spec overriding the checkpoint's "
-                        "('tiny', 'qwen2.5' or an HF tokenizer directory)", flag_values=fv)
+                        "('tiny', 'qwen2.5', an HF tokenizer directory or a hub id)",
+                        flag_values=fv)
     flags.DEFINE_string("mesh", "", "load sharded on a (data,fsdp,tensor) mesh, e.g. '1,-1,1' "
                         "(default: one device)", flag_values=fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=fv)
@@ -279,7 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if jax.process_index() == 0:
-        sizes = {f: os.path.getsize(os.path.join(fv.out, f)) for f in files}
+        sizes = {f: storage.path(storage.join(fv.out, f)).stat().length for f in files}
         print(f"exported {fv.model} of step {step} from {fv.workdir} to {fv.out}: "
               f"{len(files)} files, {_human(sum(sizes.values()))}")
         for f in files:

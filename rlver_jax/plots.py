@@ -1,8 +1,11 @@
-"""PNG plots: training reward curves, emotion trajectories, score distributions."""
+"""PNG plots: training reward curves, emotion trajectories, score distributions.
+
+Each figure is rendered to PNG bytes and written through `rlver_jax.storage`, so an output
+path may be local or gs://.
+"""
 
 from __future__ import annotations
 
-import os
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -10,6 +13,16 @@ import matplotlib
 matplotlib.use("Agg")  # headless: files only
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+
+from rlver_jax import storage  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig, out_path: str) -> str:
+    storage.write_bytes(out_path, storage.png_bytes(fig, DPI))
+    plt.close(fig)
+    return out_path
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -37,10 +50,7 @@ def plot_training_curves(records: Sequence[Mapping[str, float]], out_path: str,
     axes[0, 0].legend(loc="best", fontsize="small")
     axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_emotion_trajectories(dialogues: Sequence[Mapping], out_path: str,
@@ -74,9 +84,7 @@ def plot_emotion_trajectories(dialogues: Sequence[Mapping], out_path: str,
     ax.set_ylim(-2, 102)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_score_distribution(final_emotions: Sequence[float], out_path: str,
@@ -89,9 +97,7 @@ def plot_score_distribution(final_emotions: Sequence[float], out_path: str,
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)
 
 
 def plot_breakdown(breakdown: Mapping[str, Mapping[str, float]], out_path: str,
@@ -121,7 +127,4 @@ def plot_breakdown(breakdown: Mapping[str, Mapping[str, float]], out_path: str,
     ax.set_xlabel("mean final emotion")
     ax.set_title(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-    fig.savefig(out_path, dpi=110)
-    plt.close(fig)
-    return out_path
+    return _save(fig, out_path)

@@ -113,7 +113,8 @@ TINY_VOCAB_SIZE = 2048
 TINY_CONTROL_SYMBOLS = (ENDOFTEXT, IM_START, IM_END)
 TINY_USER_SYMBOLS = (THINK_OPEN, THINK_CLOSE)
 
-SPEC_OPTIONS = ("tiny", "qwen2.5", "<path to an HF tokenizer directory>")
+SPEC_OPTIONS = ("tiny", "qwen2.5", "<path to an HF tokenizer directory>",
+                "<hub id, e.g. Qwen/Qwen2.5-7B-Instruct>")
 
 Message = Mapping[str, str]
 
@@ -861,7 +862,8 @@ def _qwen25_cached() -> ChatTokenizer:
 
 
 def load_chat_tokenizer(spec: str) -> ChatTokenizer:
-    """"tiny" | "qwen2.5" | a local HF tokenizer (or model) directory -> ChatTokenizer."""
+    """"tiny" | "qwen2.5" | a local HF tokenizer (or model) directory | a hub id (resolved
+    through the Hugging Face cache, `rlver_jax.model_source`) -> ChatTokenizer."""
     key = spec.strip().lower()
     if key == "tiny":
         return ChatTokenizer.tiny()
@@ -871,10 +873,16 @@ def load_chat_tokenizer(spec: str) -> ChatTokenizer:
     p = Path(spec).expanduser()
     if p.is_dir():
         return ChatTokenizer.from_hf_dir(p)
+    from rlver_jax.model_source import looks_like_hub_id, resolve_model_dir
+
+    if looks_like_hub_id(spec):
+        tok = ChatTokenizer.from_hf_dir(resolve_model_dir(spec, what=f"tokenizer {spec}"))
+        tok.spec = spec  # checkpoints record the hub id, not this machine's cache path
+        return tok
     if looks_like_path or p.exists():
         raise FileNotFoundError(
-            f"tokenizer directory not found: {spec} (hub ids cannot be downloaded here; "
-            "use 'qwen2.5' for the bundled Qwen2.5 tokenizer)"
+            f"tokenizer directory not found: {spec} (use 'qwen2.5' for the bundled Qwen2.5 "
+            "tokenizer, or a hub id such as Qwen/Qwen2.5-7B-Instruct)"
         )
     raise ValueError(f"unknown tokenizer {spec!r}; options: {', '.join(SPEC_OPTIONS)}")
 

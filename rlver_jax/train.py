@@ -2,7 +2,9 @@
 
 With no flags it runs the embedded default (`configs/tiny.py`): a tiny random policy
 learning against the TOY rule judge on CPU in a few minutes. Re-running the same command on
-a workdir that holds checkpoints resumes from the latest one.
+a workdir that holds checkpoints resumes from the latest one. It runs from any directory:
+`--config` takes a file or a shipped config's name (`rlver`, `configs/rlver.py:ARG`), and
+`--workdir` a local path or a gs:// URL.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from rlver_jax import config_files
 from rlver_jax.cli_errors import config_error as _config_error
 from rlver_jax.cli_errors import one_line, parse_flags_or_exit
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                               "configs", "tiny.py")
-
+_DEFAULT_CONFIG = config_files.DEFAULT_CONFIG
+if __name__ == "__main__":
+    config_files.ensure_configs_importable()
+    sys.argv[:] = config_files.resolve_config_argv(sys.argv)
+    if (_missing := config_files.missing_config_error(sys.argv)) is not None:
+        print(_missing, file=sys.stderr)
+        sys.exit(2)
 
 
 try:
@@ -31,8 +38,9 @@ except (AttributeError, KeyError) as _e:
         raise
     print(_config_error(_e, sys.argv), file=sys.stderr)
     sys.exit(2)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory for checkpoints, "
-                               "metrics.jsonl, TensorBoard events, dialogue logs and plots.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory (or gs:// URL) for "
+                               "checkpoints, metrics.jsonl, TensorBoard events, dialogue "
+                               "logs and plots.")
 _CACHE = flags.DEFINE_string(
     "compilation_cache", os.path.join("~", ".cache", "rlver_jax", "xla"),
     "Persistent XLA compilation cache ('' disables): a second run of the same config "
@@ -54,13 +62,14 @@ def main(argv):
     distributed.maybe_initialize()
     from rlver_jax.checkpoint import CheckpointError
     from rlver_jax.env.profiles import ProfileError
+    from rlver_jax.metrics import TrackerError
     from rlver_jax.models import CheckpointFormatError
     from rlver_jax.trainer import ConfigError, Trainer, TrainingError
     try:
         trainer = Trainer(_CONFIG.value, _WORKDIR.value)
         history = trainer.run()
     except (ConfigError, TrainingError, FileNotFoundError, ProfileError, CheckpointError,
-            CheckpointFormatError) as e:
+            CheckpointFormatError, TrackerError) as e:
         # Logged below the console's WARNING level: stderr gets exactly one line.
         logging.info("%s", e)
         print(f"error: {one_line(e)}", file=sys.stderr)

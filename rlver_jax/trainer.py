@@ -31,12 +31,14 @@ from flax import nnx
 
 from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
+from rlver_jax import storage
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
 from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
                                    RolloutSummary, collate, dialogue_record)
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
+from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
 from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
                               load_hf, load_hf_critic)
@@ -107,8 +109,11 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
         section, field = key.split(".")
         path = c[section][field]
-        if path and not os.path.isdir(path):
-            raise ConfigError(f"config.{key}: model directory not found: {path}")
+        if path and not os.path.isdir(os.path.expanduser(path)) and not looks_like_hub_id(path):
+            raise ConfigError(f"config.{key}: model directory not found: {path} (pass a local "
+                              "HF directory or a hub id such as Qwen/Qwen2.5-7B-Instruct)")
+    _check(c.log.get("wandb_mode", "online") in ("online", "offline"), "log.wandb_mode",
+           f"{c.log.get('wandb_mode')!r} is not one of ('online', 'offline')")
 
 
 def validate_process_layout(c: ml_collections.ConfigDict, processes: int,
@@ -212,10 +217,20 @@ class Trainer:
                                        self.rollout_settings, self.policy_sampler)
 
     # ---------------------------------------------------------------- components
+    def _model_dir(self, key: str) -> str:
+        """The local directory of config `key` (section.hf_dir): a hub id is resolved
+        through the Hugging Face cache."""
+        section, field = key.split(".")
+        try:
+            return resolve_model_dir(self.config[section][field], what=f"config.{key}")
+        except ModelSourceError as e:
+            raise ConfigError(str(e)) from e
+
     def _build_models(self) -> None:
         c, tok = self.config, self.tokenizer
         if c.policy.hf_dir:
-            self.policy_config, policy = load_hf(c.policy.hf_dir, c.policy.dtype, self.mesh,
+            self.policy_config, policy = load_hf(self._model_dir("policy.hf_dir"),
+                                                 c.policy.dtype, self.mesh,
                                                  self.rules, remat=c.policy.remat,
                                                  attention=_attention(c.policy, "policy"))
         else:
@@ -226,7 +241,7 @@ class Trainer:
         if self.ppo:
             if c.critic.hf_dir:
                 self.critic_config, critic = load_hf_critic(
-                    c.critic.hf_dir, c.critic.dtype, self.mesh, self.rules,
+                    self._model_dir("critic.hf_dir"), c.critic.dtype, self.mesh, self.rules,
                     remat=c.policy.remat, attention=_attention(c.critic, "critic"))
             else:
                 critic = critic_from_policy(policy)
@@ -235,7 +250,8 @@ class Trainer:
         self.reference_params = None
         if self.kl_on:
             if c.reference.hf_dir:
-                _, ref = load_hf(c.reference.hf_dir, c.policy.dtype, self.mesh, self.rules)
+                _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype,
+                                 self.mesh, self.rules)
                 self.reference_params = nnx.state(ref, nnx.Param)
             else:
                 self.reference_params = jax.tree.map(jnp.copy, nnx.state(policy, nnx.Param))
@@ -250,8 +266,8 @@ class Trainer:
                    else self.tokenizer)
         # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
-            _, sim_model = load_hf(c.simulator.hf_dir, c.simulator.dtype, self.mesh,
-                                   self.sampling_rules,
+            _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype,
+                                   self.mesh, self.sampling_rules,
                                    attention=_attention(c.simulator, "simulator"))
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
@@ -534,14 +550,17 @@ class Trainer:
         from rlver_jax.checkpoint import Checkpointer, PreemptionGuard
 
         c = self.config
-        os.makedirs(self.workdir, exist_ok=True)
-        checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"),
+        storage.makedirs(self.workdir)
+        checkpointer = Checkpointer(storage.join(self.workdir, "checkpoints"),
                                     save_every=c.checkpoint.every, keep=c.checkpoint.keep,
                                     async_save=c.checkpoint.async_save)
         start = self._restore(checkpointer)
         if self.is_main:
             writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
-                                  tensorboard=c.log.tensorboard, progress=c.log.progress)
+                                  tensorboard=c.log.tensorboard, progress=c.log.progress,
+                                  wandb_project=c.log.get("wandb_project", ""),
+                                  wandb_mode=c.log.get("wandb_mode", "online"),
+                                  run_config=json.loads(json.dumps(c.to_dict(), default=str)))
         else:
             writer = MetricWriter(self.workdir, c.total_steps, start_step=start,
                                   tensorboard=False, progress=False,
@@ -550,8 +569,8 @@ class Trainer:
         if start:
             writer.log(f"resumed from step {start} in {self.workdir}")
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(c.to_dict(), f, indent=2, default=str)
+            storage.write_text(storage.join(self.workdir, "config.json"),
+                               json.dumps(c.to_dict(), indent=2, default=str))
         history = []
         bad_in_a_row = 0
         try:
@@ -597,32 +616,32 @@ class Trainer:
         n = self.config.log.dialogues_per_step
         if not self.is_main or n <= 0:
             return
-        with open(os.path.join(self.workdir, "dialogues.jsonl"), "a", encoding="utf-8") as f:
-            for st in self._last_rollout.dialogues[:n]:
-                f.write(json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n")
+        storage.append_text(storage.join(self.workdir, "dialogues.jsonl"), "".join(
+            json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n"
+            for st in self._last_rollout.dialogues[:n]))
 
     def _plots(self) -> None:
         from rlver_jax import plots
         from rlver_jax.metrics import read_metrics
-        metrics_path = os.path.join(self.workdir, "metrics.jsonl")
-        if not os.path.exists(metrics_path):
+        metrics_path = storage.join(self.workdir, "metrics.jsonl")
+        if not storage.path(metrics_path).exists():
             return
         records = read_metrics(metrics_path)
+        plot_dir = storage.join(self.workdir, "plots")
         if records:
-            plots.plot_training_curves(records, os.path.join(self.workdir, "plots",
-                                                             "training_curves.png"))
-        log = os.path.join(self.workdir, "dialogues.jsonl")
-        if os.path.exists(log):
-            with open(log, encoding="utf-8") as f:
-                dialogues = [json.loads(line) for line in f if line.strip()]
+            plots.plot_training_curves(records, storage.join(plot_dir, "training_curves.png"))
+        log = storage.path(storage.join(self.workdir, "dialogues.jsonl"))
+        if log.exists():
+            dialogues = [json.loads(line) for line in log.read_text().splitlines()
+                         if line.strip()]
             last_step = dialogues[-1]["step"] if dialogues else None
             recent = [d for d in dialogues if d["step"] == last_step]
             first = [d for d in dialogues if d["step"] == dialogues[0]["step"]]
             plots.plot_emotion_trajectories(
-                first, os.path.join(self.workdir, "plots", "emotion_first_step.png"),
+                first, storage.join(plot_dir, "emotion_first_step.png"),
                 title=f"Emotion per turn, step {dialogues[0]['step']}")
             plots.plot_emotion_trajectories(
-                recent, os.path.join(self.workdir, "plots", "emotion_last_step.png"),
+                recent, storage.join(plot_dir, "emotion_last_step.png"),
                 title=f"Emotion per turn, step {last_step}")
 
     def evaluate_during_training(self, step: int) -> dict[str, float]:

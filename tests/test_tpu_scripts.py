@@ -33,6 +33,7 @@ def test_pod_lifecycle_commands():
     assert scp[4] == "scp" and "--worker=all" in scp
     assert "--worker=all" in install and "pip install" in install[-1]
     assert "jax[tpu]==0.10.2" in install[-1]
+    assert "-e '.[gcs]'" in install[-1]     # gs:// workdirs need gcsfs
     [clone] = dry_run("pod.sh", "setup", **POD_ENV, REPO_URL="https://example.com/r.git")
     assert "git clone --depth 1 --branch main https://example.com/r.git" in clone[-1]
 

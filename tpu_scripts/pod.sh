@@ -16,8 +16,8 @@
 #   REPO_REF          branch / tag / commit for REPO_URL (default main)
 #   JAX_EXTRA         JAX install spec (setup; default "jax[tpu]==0.10.2")
 #   CONFIG            config file inside the checkout (launch; default configs/rlver.py)
-#   WORKDIR           run directory, shared by all workers (launch; a gs:// bucket path
-#                     for Orbax checkpoints written by every host)   (required for launch)
+#   WORKDIR           run directory, shared by all workers (launch): a gs:// URL, so that
+#                     checkpoints, metrics, logs and plots outlive the VMs   (required)
 #   TRAIN_ARGS        extra flags for rlver_jax.train, e.g. "--config.mesh.shape=(1,8,4)"
 #
 # Every worker runs the same command; `rlver_jax.distributed.maybe_initialize` joins them
@@ -75,7 +75,7 @@ case "${action}" in
       fetch="rm -rf ${REMOTE_DIR} && mkdir -p ${REMOTE_DIR} && tar -xzf rlver_jax.tar.gz -C ${REMOTE_DIR}"
     fi
     on_all_workers "set -e; ${fetch}; cd ${REMOTE_DIR}; python3 -m venv .venv; \
-.venv/bin/pip install --quiet --upgrade pip; .venv/bin/pip install --quiet -e . '${JAX_EXTRA}'; \
+.venv/bin/pip install --quiet --upgrade pip; .venv/bin/pip install --quiet -e '.[gcs]' '${JAX_EXTRA}'; \
 .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count())'"
     ;;
   launch)

@@ -11,9 +11,11 @@ environment, `benchmarks/.venv-tunix`. This file has two roles:
     `Sampler.generate` (greedy, exactly N new tokens) and then runs this file as a worker in
     the Tunix venv on the same directory and prompts;
   worker (`--worker`, Tunix venv): loads the directory with
-    `tunix.models.qwen2.params.create_model_from_safe_tensors` and times
-    `tunix.generate.sampler.Sampler(...)(prompts, max_generation_steps=N)` in greedy mode,
-    printing one JSON line. Prompts cross as space-separated ids through a pass-through
+    `tunix.models.qwen2.params.create_model_from_safe_tensors`, warms up
+    `tunix.generate.sampler.Sampler(...)(prompts, max_generation_steps=N)` in greedy mode for
+    every job (one JSON line: compile times and tokens), then serves `run I` requests (one
+    timed call each, `serve`), so the driver interleaves ours and Tunix's calls: ours,
+    Tunix, ours, ... for `--repeats` rounds. Prompts cross as space-separated ids through a pass-through
     tokenizer so that both sides see the very same token ids.
 
 Records go to `results/sampling_tunix.jsonl` with `peer` = `tunix-<version>`; the
@@ -40,9 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt_len", type=int, nargs="+", default=[128, 512])
     p.add_argument("--new_tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--quick", action="store_true",
-                   help="batch 1 and 8, prompt 128, 16 new tokens, one repeat")
+                   help="batch 1 and 8, prompt 128, 16 new tokens, 3 rounds")
     p.add_argument("--python", default=TUNIX_PYTHON, help="the Tunix venv's interpreter")
     p.add_argument("--results_dir", default=None)
     p.add_argument("--no_save", action="store_true")
@@ -52,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts_file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.batch, args.prompt_len, args.new_tokens, args.repeats = [1, 8], [128], 16, 1
+        args.batch, args.prompt_len, args.new_tokens, args.repeats = [1, 8], [128], 16, 3
+    if args.repeats < 3:
+        p.error(f"--repeats {args.repeats}: at least 3 interleaved rounds are needed")
     return args
 
 
@@ -77,8 +81,8 @@ class _IdTokenizer:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Times Tunix's greedy sampler on every prompt set in --prompts_file; prints JSON."""
-    import statistics
+    """Warms up Tunix's greedy sampler on every prompt set in --prompts_file (one JSON line:
+    compile times, tokens), then serves timed calls (`serve`)."""
     import time
     from importlib import metadata
 
@@ -100,9 +104,8 @@ def worker(args: argparse.Namespace) -> None:
     model = qwen2_params.create_model_from_safe_tensors(args.hf_dir, config)
     with open(args.prompts_file, encoding="utf-8") as f:
         jobs = json.load(f)
-    results = []
-    for job in jobs:
-        prompts, n = job["prompts"], job["new_tokens"]
+
+    def make_generate(prompts, n):
         width = 1 << (max(map(len, prompts)) - 1).bit_length()
         sampler = tunix_sampler.Sampler(
             model, _IdTokenizer(),
@@ -116,22 +119,109 @@ def worker(args: argparse.Namespace) -> None:
                           echo=False, temperature=0.0, eos_tokens=[-1])
             jax.block_until_ready(out.tokens)
             return out
+        return generate
 
+    generates, results = [], []
+    for job in jobs:  # warm-up (compiles) of every job before any timing
+        generate = make_generate(job["prompts"], job["new_tokens"])
         t0 = time.perf_counter()
         out = generate()
-        first = time.perf_counter() - t0
-        times = []
-        for _ in range(job["repeats"]):
-            t0 = time.perf_counter()
-            out = generate()
-            times.append(time.perf_counter() - t0)
-        results.append({"generate_s": statistics.median(times), "first_s": first,
-                        "tokens": [list(map(int, t))[:n] for t in out.tokens]})
+        results.append({"first_s": time.perf_counter() - t0,
+                        "tokens": [list(map(int, t))[:job["new_tokens"]] for t in out.tokens]})
+        generates.append(generate)
     print("RESULT " + json.dumps({"version": metadata.version("google-tunix"),
-                                  "jax": jax.__version__, "results": results}))
+                                  "jax": jax.__version__, "results": results}), flush=True)
+    serve(generates, sys.stdin, sys.stdout)
+
+
+def serve(generates, stdin, stdout) -> None:
+    """The worker's line protocol, so that the driver can interleave ours and Tunix's calls:
+    `run I` times job I once and answers `TIME <seconds>`; `quit` (or end of input) ends."""
+    import time
+
+    print("READY", file=stdout, flush=True)
+    for line in stdin:
+        cmd = line.split()
+        if not cmd:
+            continue
+        if cmd[0] == "quit":
+            break
+        if cmd[0] == "run" and len(cmd) == 2 and cmd[1].isdigit() \
+                and int(cmd[1]) < len(generates):
+            t0 = time.perf_counter()
+            generates[int(cmd[1])]()
+            print(f"TIME {time.perf_counter() - t0!r}", file=stdout, flush=True)
+        else:
+            print(f"ERROR unknown command {line.strip()!r}", file=stdout, flush=True)
+
+
+class PeerWorker:
+    """The driver's end of `serve`: a worker process started with `argv`, its first
+    `RESULT` line (warm-up results) in `header`, and `run(i)` -> the worker's own seconds."""
+
+    def __init__(self, argv: list[str], log_path: str):
+        self._log = open(log_path, "w+", encoding="utf-8")  # stderr: never a full pipe
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._log, text=True, bufsize=1)
+        self.header = json.loads(self._expect("RESULT "))
+        self._expect("READY")
+
+    def _expect(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith("ERROR "):
+                raise RuntimeError(f"peer worker: {line[6:].strip()}")
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        self.proc.wait()
+        self._log.seek(0)
+        raise RuntimeError(f"peer worker exited ({self.proc.returncode}) before "
+                           f"{prefix.strip()!r}:\n{self._log.read()[-4000:]}")
+
+    def run(self, job: int) -> float:
+        self.proc.stdin.write(f"run {job}\n")
+        self.proc.stdin.flush()
+        return float(self._expect("TIME "))
+
+    def close(self) -> int:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+        code = self.proc.wait()
+        self._log.close()
+        return code
 
 
 # ------------------------------------------------------------------------- driver side
+def _record(args, machine, batch, prompt_len, first, times, greedy, peer, peer_out) -> dict:
+    import statistics
+
+    from benchmarks import common
+
+    n = args.new_tokens
+    total, peer_total = statistics.median(times["ours"]), statistics.median(times["peer"])
+    # Greedy tokens should agree until float round-off flips an argmax.
+    agree = sum(a == b for g, p in zip(greedy, peer["tokens"]) for a, b in zip(g, p))
+    record = common.base_record(
+        "sampling_tunix", {"preset": args.preset, "batch": batch, "prompt_len": prompt_len,
+                           "new_tokens": n, "dtype": "float32", "greedy": True}, machine)
+    record.update(
+        tokens_per_s=batch * n / total, generate_s=total, compile_s=max(first - total, 0),
+        peer=f"tunix-{peer_out['version']}/jax-{peer_out['jax']}",
+        peer_tokens_per_s=batch * n / peer_total, peer_generate_s=peer_total,
+        peer_compile_s=max(peer["first_s"] - peer_total, 0.0),
+        greedy_token_agreement=agree / (batch * n))
+    record.update(common.timing_fields(times))
+    print(f"sampling vs tunix {args.preset} B={batch} P={prompt_len} N={n}: ours "
+          f"{record['tokens_per_s']:.1f} tok/s, tunix {record['peer_tokens_per_s']:.1f} "
+          f"tok/s, ratio {record['ratio']:.2f} [{record['ratio_min']:.2f}, "
+          f"{record['ratio_max']:.2f}], greedy agreement "
+          f"{record['greedy_token_agreement']:.0%}", flush=True)
+    return record
+
+
 def run(args: argparse.Namespace) -> list[dict]:
     """Ours vs Tunix on every (batch, prompt length); returns (and appends) records."""
     from benchmarks import common, sampling
@@ -148,42 +238,36 @@ def run(args: argparse.Namespace) -> list[dict]:
         for batch in args.batch:
             prompts = common.random_prompts(batch, prompt_len, config.vocab_size,
                                             seed=batch * 7919 + prompt_len)
-            first, total, _ = sampling._time_ours(sampler, model, prompts, n, args.repeats)
+            first, generate, _ = sampling._ours_calls(sampler, model, prompts, n)
             greedy = sampler.generate(model, prompts, n).tokens
-            jobs.append({"prompts": prompts, "new_tokens": n, "repeats": args.repeats})
-            ours.append((batch, prompt_len, first, total, greedy))
+            jobs.append({"prompts": prompts, "new_tokens": n})
+            ours.append((batch, prompt_len, first, generate, greedy))
+    records = []
     with tempfile.TemporaryDirectory() as tmp:
         twin.save_pretrained(tmp)
         prompts_file = os.path.join(tmp, "prompts.json")
         with open(prompts_file, "w", encoding="utf-8") as f:
             json.dump(jobs, f)
-        proc = subprocess.run(
-            [args.python, os.path.abspath(__file__), "--worker", "--hf_dir", tmp,
-             "--prompts_file", prompts_file], capture_output=True, text=True)
-    lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"Tunix worker failed (exit {proc.returncode}):\n"
-                           f"{proc.stderr[-4000:]}")
-    peer_out = json.loads(lines[-1][len("RESULT "):])
-    records = []
-    for (batch, prompt_len, first, total, greedy), peer in zip(ours, peer_out["results"]):
-        # Greedy tokens should agree until float round-off flips an argmax.
-        agree = sum(a == b for g, p in zip(greedy, peer["tokens"]) for a, b in zip(g, p))
-        record = common.base_record(
-            "sampling_tunix", {"preset": args.preset, "batch": batch, "prompt_len": prompt_len,
-                               "new_tokens": n, "dtype": "float32", "greedy": True}, machine)
-        record.update(
-            tokens_per_s=batch * n / total, generate_s=total, compile_s=max(first - total, 0),
-            peer=f"tunix-{peer_out['version']}/jax-{peer_out['jax']}",
-            peer_tokens_per_s=batch * n / peer["generate_s"],
-            peer_generate_s=peer["generate_s"],
-            peer_compile_s=max(peer["first_s"] - peer["generate_s"], 0.0),
-            ratio=peer["generate_s"] / total, greedy_token_agreement=agree / (batch * n))
-        print(f"sampling vs tunix {args.preset} B={batch} P={prompt_len} N={n}: ours "
-              f"{record['tokens_per_s']:.1f} tok/s, tunix {record['peer_tokens_per_s']:.1f} "
-              f"tok/s, ratio {record['ratio']:.2f}, greedy agreement "
-              f"{record['greedy_token_agreement']:.0%}", flush=True)
-        records.append(record)
+        # One worker for the whole run: it loads and compiles once, then times one call per
+        # request, so the two samplers alternate (ours, Tunix, ours, ...) like the others.
+        worker_proc = PeerWorker([args.python, os.path.abspath(__file__), "--worker",
+                                  "--hf_dir", tmp, "--prompts_file", prompts_file],
+                                 os.path.join(tmp, "worker.log"))
+        try:
+            peer_out = worker_proc.header
+            for job, ((batch, prompt_len, first, generate, greedy), peer) in enumerate(
+                    zip(ours, peer_out["results"])):
+                peer_s: list[float] = []
+                wall = common.time_interleaved(
+                    {"ours": generate,
+                     "peer": lambda job=job: peer_s.append(worker_proc.run(job))},
+                    args.repeats)
+                # The worker's own clock: no pipe round trip in the peer's time.
+                times = {"ours": wall["ours"], "peer": peer_s}
+                records.append(_record(args, machine, batch, prompt_len, first, times, greedy,
+                                       peer, peer_out))
+        finally:
+            worker_proc.close()
     if not args.no_save:
         common.append_results("sampling_tunix", records, args.results_dir)
     return records

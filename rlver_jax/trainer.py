@@ -39,9 +39,9 @@ from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, Rollou
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
-from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
                               load_hf, load_hf_critic)
+from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import losses
 from rlver_jax.rl.update import TrainBatch, TrainState, UpdateSettings, Updater, make_optimizer

@@ -3,6 +3,9 @@
     python -m benchmarks.train_step --quick        # small-100m, batch 2, T 128/512, 3 rounds
     python -m benchmarks.train_step --preset small-100m --batch 8 --length 128 256 512 1024 2048
     python -m benchmarks.train_step --preset qwen2.5-7b --dtype bfloat16 --peer none   # a GPU
+    # float32 masters + bf16 compute (the trainer's default numerics) beside all-float32:
+    python -m benchmarks.train_step --preset small-100m --batch 2 --length 128 512 \
+        --dtype float32 bfloat16 --param_dtype float32
 
 Ours: `rlver_jax.rl.update.Updater.step` with the policy settings the trainer uses (PPO
 clipped-ratio loss over chunked LM-head log-probs, entropy metric, gradient clipping, AdamW
@@ -13,6 +16,13 @@ cross-entropy over the same B x (T - 1) targets). The peer's ratio basis is forw
 backward only; its AdamW step is timed separately (`peer_optimizer_s`) and reported as
 `peer_with_optimizer_tokens_per_s`, so our number (which includes the optimiser) is compared
 against the cheaper torch program: the ratio is conservative.
+
+Numerics: `--dtype` lists compute dtypes and `--param_dtype` the master-weight dtype (default:
+each row's compute dtype). With `--param_dtype float32 --dtype float32 bfloat16` the rows
+are all-float32 and float32 masters + bf16 compute (Adam moments and gradients follow the
+masters: float32); every numerics' step (and its peer) runs in the same interleaved rounds.
+The peer runs its float32 model under `torch.autocast(bfloat16)` (AMP, torch's counterpart
+of the same numerics) for the mixed rows.
 
 Reported per configuration:
   tokens_per_s / peer_tokens_per_s   B * T / median warm step time; `ratio` = ours / peer;
@@ -61,7 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", nargs="+", default=["tiny", "small-100m"],
                    help="tiny / small-100m on CPU; qwen2.5-0.5b ... qwen2.5-7b on GPUs")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=("float32", "bfloat16"),
+                   help="compute dtypes (one row each)")
+    p.add_argument("--param_dtype", default=None, choices=("float32", "bfloat16"),
+                   help="master-weight dtype (default: each row's compute dtype)")
     p.add_argument("--batch", type=int, nargs="+", default=[8])
     p.add_argument("--length", type=int, nargs="+", default=[128, 256, 512, 1024, 2048])
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
@@ -173,18 +186,25 @@ def _peer_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _peer_calls(peer, ids_np):
-    """(warm forward + backward fn, AdamW step fn, sync) of the torch twin."""
+def _peer_calls(peer, ids_np, autocast_dtype: str | None = None):
+    """(warm forward + backward fn, sync) of the torch twin; `autocast_dtype`: computed
+    under `torch.autocast` (AMP) in that dtype."""
+    import contextlib
+
     import numpy as np
     import torch
 
     device = _peer_device()
     ids = torch.from_numpy(ids_np.astype(np.int64)).to(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    amp = (functools.partial(torch.autocast, device_type=device.type,
+                             dtype=getattr(torch, autocast_dtype))
+           if autocast_dtype else contextlib.nullcontext)
 
     def fwd_bwd():
         peer.zero_grad(set_to_none=True)
-        loss = peer(ids, labels=ids).loss  # mean CE over the B x (T - 1) shifted targets
+        with amp():
+            loss = peer(ids, labels=ids).loss  # mean CE over the B x (T - 1) shifted targets
         loss.backward()
         sync()
         return loss
@@ -218,7 +238,31 @@ def _time_peer_optimizer(peer, sync, repeats) -> dict:
 
 
 # ------------------------------------------------------------------------------- run
+def _with_numerics(model, param_dtype: str, dtype: str, remat: str):
+    """The model with its weights stored in `param_dtype` and computing in `dtype`."""
+    import jax
+    from flax import nnx
+
+    config = model.config.replace(param_dtype=param_dtype, dtype=dtype)
+    if remat != "none":
+        config = config.replace(remat=remat)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: type(model)(config,
+                                                                      rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree.map(lambda x, a: x.astype(a.dtype),
+                                            nnx.state(model), abstract))
+
+
 def _run_preset(args, preset: str, machine: dict) -> list[dict]:
+    records = []
+    # One twin per master dtype; its numerics (compute dtypes) share the timing rounds.
+    for param_dtype in dict.fromkeys(args.param_dtype or d for d in args.dtype):
+        dtypes = [d for d in args.dtype if (args.param_dtype or d) == param_dtype]
+        records += _run_twin(args, preset, machine, param_dtype, dtypes)
+    return records
+
+
+def _run_twin(args, preset: str, machine: dict, param_dtype: str, dtypes: list[str]
+              ) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -226,73 +270,86 @@ def _run_preset(args, preset: str, machine: dict) -> list[dict]:
     from rlver_jax.rl.update import UpdateSettings, Updater, make_optimizer
 
     with_peer = args.peer == "transformers"
-    config, model, peer = common.build_twin_models(preset, dtype=args.dtype,
-                                                    with_peer=with_peer)
-    if args.remat != "none":
-        # Remat is a static config field read at trace time by the model and its layer
-        # stack; the Updater takes the graph (config included) from the module.
-        config = config.replace(remat=args.remat)
-        model.config = model.layers.config = config
+    _, twin, peer = common.build_twin_models(preset, dtype=param_dtype, with_peer=with_peer)
     if peer is not None:
         peer = peer.train().to(_peer_device())
     settings = UpdateSettings(entropy_coef=0.0, logprob_chunk=args.logprob_chunk)
-    updater = Updater(model, make_optimizer(1e-6, 1000), settings)
-    state = updater.init_state(model)
+    updaters, states, configs = {}, {}, {}
+    for dtype in dtypes:
+        model = _with_numerics(twin, param_dtype, dtype, args.remat)
+        configs[dtype] = model.config
+        updaters[dtype] = Updater(model, make_optimizer(1e-6, 1000), settings)
+        states[dtype] = updaters[dtype].init_state(model)
+        del model
+    del twin
     device_kind = machine["device_kind"]
     peak = peak_flops(device_kind) if machine["backend"] != "cpu" else None
     records = []
     for batch in args.batch:
         for length in args.length:
-            ids = np.asarray(common.random_prompts(batch, length, config.vocab_size,
+            vocab = configs[dtypes[0]].vocab_size
+            ids = np.asarray(common.random_prompts(batch, length, vocab,
                                                    seed=batch * 131 + length), np.int32)
             train_batch = _train_batch(jnp.asarray(ids))
-            first, step, holder = _ours_step(updater, state, train_batch)
-            fns = {"ours": step}
-            if peer is not None:
-                fns["peer"], sync = _peer_calls(peer, ids)
+            fns, firsts, holders = {}, {}, {}
+            for dtype in dtypes:
+                firsts[dtype], fns[f"ours_{dtype}"], holders[dtype] = _ours_step(
+                    updaters[dtype], states[dtype], train_batch)
+                if peer is not None:
+                    fns[f"peer_{dtype}"], sync = _peer_calls(
+                        peer, ids, autocast_dtype=dtype if dtype != param_dtype else None)
             with CompileCounter() as compiles:
-                # Interleaved rounds: ours, peer (forward + backward), ours, ...
+                # Interleaved rounds: ours (each numerics), peer (forward + backward), ...
                 times = common.time_interleaved(fns, args.repeats)
-            state, recompiles = holder[0], compiles.count
-            t = statistics.median(times["ours"])
-            memory = _memory_analysis(updater, state, train_batch)
-            flops = step_flops(config, batch, length)
-            achieved = flops / t
-            measured = matmul_rate(args.dtype)
-            record = common.base_record(
-                "train_step", {"preset": preset, "batch": batch, "prompt_len": length,
-                               "new_tokens": 0, "dtype": args.dtype, "remat": args.remat,
-                               "logprob_chunk": args.logprob_chunk}, machine)
-            record.update(
-                tokens_per_s=batch * length / t, step_s=t, compile_s=max(first - t, 0.0),
-                peer=None, peer_tokens_per_s=None, ratio=None, memory=memory,
-                compiles_while_timing=recompiles,
-                roofline={"flops_per_step": flops, "achieved_flops_per_s": achieved,
-                          "matmul_flops_per_s": measured,
-                          "roofline_fraction": achieved / measured,
-                          "peak_flops_per_s": peak,
-                          "mfu": achieved / peak if peak else None})
-            record.update(common.timing_fields(times))
-            if peer is not None:
-                p = {"step_s": statistics.median(times["peer"]),
-                     **_time_peer_optimizer(peer, sync, args.repeats)}
+            peer_opt = (_time_peer_optimizer(peer, sync, args.repeats) if peer is not None
+                        else None)
+            for dtype in dtypes:
+                config, updater = configs[dtype], updaters[dtype]
+                states[dtype] = holders[dtype][0]
+                side = {"ours": times[f"ours_{dtype}"]}
+                if peer is not None:
+                    side["peer"] = times[f"peer_{dtype}"]
+                t = statistics.median(side["ours"])
+                memory = _memory_analysis(updater, states[dtype], train_batch)
+                flops = step_flops(config, batch, length)
+                achieved = flops / t
+                measured = matmul_rate(dtype)
+                record = common.base_record(
+                    "train_step", {"preset": preset, "batch": batch, "prompt_len": length,
+                                   "new_tokens": 0, "dtype": dtype, "param_dtype": param_dtype,
+                                   "remat": args.remat, "logprob_chunk": args.logprob_chunk},
+                    machine)
                 record.update(
-                    peer=common.peer_name(), peer_tokens_per_s=batch * length / p["step_s"],
-                    peer_step_s=p["step_s"], peer_optimizer_s=p["optimizer_s"],
-                    peer_with_optimizer_tokens_per_s=batch * length
-                    / (p["step_s"] + p["optimizer_s"]),
-                    peer_device_memory_bytes=p["device_memory_bytes"],
-                    ratio_with_optimizer=(p["step_s"] + p["optimizer_s"]) / t)
-            record["peak_rss_bytes"] = common.peak_rss_bytes()
-            record["device_memory_bytes"] = common.device_memory_bytes()
-            print(f"train_step {preset} B={batch} T={length}: "
-                  f"{common.fmt_rate(record['tokens_per_s'])} tok/s "
-                  f"({t:.3f} s), peer {common.fmt_rate(record['peer_tokens_per_s'])} tok/s, "
-                  f"ratio {record['ratio'] or float('nan'):.2f}, "
-                  f"{achieved / 1e9:.1f} GFLOP/s ({achieved / measured:.0%} of matmul rate), "
-                  f"compile {record['compile_s']:.1f}s", flush=True)
-            records.append(record)
-    del state, updater, model, peer
+                    tokens_per_s=batch * length / t, step_s=t,
+                    compile_s=max(firsts[dtype] - t, 0.0),
+                    peer=None, peer_tokens_per_s=None, ratio=None, memory=memory,
+                    compiles_while_timing=compiles.count,
+                    roofline={"flops_per_step": flops, "achieved_flops_per_s": achieved,
+                              "matmul_flops_per_s": measured,
+                              "roofline_fraction": achieved / measured,
+                              "peak_flops_per_s": peak,
+                              "mfu": achieved / peak if peak else None})
+                record.update(common.timing_fields(side))
+                if peer is not None:
+                    p = {"step_s": statistics.median(side["peer"]), **peer_opt}
+                    record.update(
+                        peer=common.peer_name(),
+                        peer_tokens_per_s=batch * length / p["step_s"],
+                        peer_step_s=p["step_s"], peer_optimizer_s=p["optimizer_s"],
+                        peer_with_optimizer_tokens_per_s=batch * length
+                        / (p["step_s"] + p["optimizer_s"]),
+                        peer_device_memory_bytes=p["device_memory_bytes"],
+                        ratio_with_optimizer=(p["step_s"] + p["optimizer_s"]) / t)
+                record["peak_rss_bytes"] = common.peak_rss_bytes()
+                record["device_memory_bytes"] = common.device_memory_bytes()
+                print(f"train_step {preset} B={batch} T={length} {param_dtype} masters, "
+                      f"{dtype} compute: {common.fmt_rate(record['tokens_per_s'])} tok/s "
+                      f"({t:.3f} s), peer {common.fmt_rate(record['peer_tokens_per_s'])} "
+                      f"tok/s, ratio {record['ratio'] or float('nan'):.2f}, "
+                      f"{achieved / 1e9:.1f} GFLOP/s ({achieved / measured:.0%} of matmul "
+                      f"rate), compile {record['compile_s']:.1f}s", flush=True)
+                records.append(record)
+    del states, updaters, holders, peer
     jax.clear_caches()
     return records
 

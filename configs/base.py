@@ -19,6 +19,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.policy = ml_collections.ConfigDict()
     c.policy.preset = "qwen2.5-7b"      # architecture when no hf_dir is given (random init)
     c.policy.hf_dir = ""                # real weights: a local HF directory or a hub id[@rev]
+    # Numerics of a trained model: `param_dtype` stores the master weights (and, through
+    # them, the gradients and Adam moments); `dtype` is what the matmuls compute in. bf16
+    # masters would swallow the reference run's lr-1e-6 updates (bf16's spacing near a
+    # weight of 0.02 is ~1e-4), so trained models keep float32 masters.
+    c.policy.param_dtype = "float32"
     c.policy.dtype = "bfloat16"
     c.policy.remat = "full"
     # Attention implementation per model (models/attention.py): "auto" picks per backend.
@@ -26,18 +31,20 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.critic = ml_collections.ConfigDict()
     c.critic.hf_dir = ""                # empty: initialise from the policy weights
+    c.critic.param_dtype = "float32"
     c.critic.dtype = "bfloat16"
     c.critic.attention = "auto"
 
     c.reference = ml_collections.ConfigDict()
     c.reference.hf_dir = ""             # empty: the initial policy; built only for a KL term
+    # Never trained: stored in the policy's compute dtype (policy.dtype).
 
     c.simulator = ml_collections.ConfigDict()
     c.simulator.kind = "llm"            # "llm" (in-process model) or "rule" (TOY judge)
     c.simulator.preset = "qwen2.5-7b"
     c.simulator.hf_dir = ""
     c.simulator.tokenizer = ""          # empty: the policy tokenizer
-    c.simulator.dtype = "bfloat16"
+    c.simulator.dtype = "bfloat16"      # never trained: its weights are stored in this dtype
     c.simulator.attention = "auto"
     c.simulator.difficulty = "hard"     # sage | hard | strict
     # Individual knobs override the difficulty preset (env/simulator.py SimulatorSettings);
@@ -104,7 +111,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.rl.mini_batches = 1
     c.rl.micro_batch_size = 0           # 0: whole mini-batch in one pass
     c.rl.max_grad_norm = 1.0
-    c.rl.weight_decay = 0.0
+    # AdamW's decoupled weight decay, as the reference optimiser applies it: verl's actor and
+    # critic `optim.weight_decay` default to 0.01 (torch.optim.AdamW over every parameter),
+    # and RLVER's scripts do not override it. optax.adamw decays every parameter as well.
+    c.rl.weight_decay = 0.01
+    # Truncated importance sampling (0 = off; 2.0 is typical): each policy token's
+    # policy-gradient term is weighted by min(exp(trainer_old_logp - sampler_logp), tis_cap),
+    # correcting for the sampler (bf16 weights, other kernels) not being the trainer's
+    # policy. Uses the sampler's untruncated log-probs (see losses.tis_weights).
+    c.rl.tis_cap = 0.0
     c.rl.agg_mode = "token-mean"
     # C of the `*-norm` aggregation modes (Dr.GRPO: sum of a sequence's token losses / C).
     # 0: the configured maximum response length, rollout.max_turn_tokens in think mode (a
@@ -112,7 +127,11 @@ def get_config() -> ml_collections.ConfigDict:
     # dialogue); never the padded batch width, which changes from step to step.
     c.rl.agg_constant = 0
     c.rl.grpo_normalize_std = True
-    c.rl.whiten_advantages = False
+    # Whitening of the advantages over the loss-masked tokens; None: the algorithm's default.
+    # PPO: on, as verl's GAE estimator does (core_algos.compute_gae_advantage_return
+    # whitens over the response mask; returns are taken before whitening). GRPO: off, its
+    # advantage is already (R - mean_g) / (std_g + 1e-6) (RLVER.md), as verl's GRPO does.
+    c.rl.whiten_advantages = placeholder(bool)
     c.rl.logprob_chunk = 1024
     c.rl.max_consecutive_nonfinite = 3
 

@@ -39,6 +39,8 @@ def get_config():
     c.rl.critic_lr = 3e-3
     c.rl.critic_warmup_ratio = 0.0
     c.rl.entropy_coef = 0.0
+    # The demo's learning rate (1e-2) was tuned without weight decay.
+    c.rl.weight_decay = 0.0
     c.rl.logprob_chunk = 256
     c.checkpoint.every = 10
     c.checkpoint.keep = 2

@@ -6,8 +6,12 @@
 What training writes (the convention read here): checkpoints live in `WORKDIR/checkpoints`
 (a `rlver_jax.checkpoint.Checkpointer`); array items `policy_params` (the policy's
 `nnx.state(model, nnx.Param)`), `policy_opt`, and optionally `critic_params`, `critic_opt`;
-meta keys `policy_model` / `critic_model` (`Qwen2Config.to_hf_dict()` plus `param_dtype`
-and `dtype`), `tokenizer` (a `load_chat_tokenizer` spec), `step` and `config`.
+meta keys `policy_model` / `critic_model` (`Qwen2Config.to_hf_dict()` plus `param_dtype`,
+`dtype` and `export_dtype`), `tokenizer` (a `load_chat_tokenizer` spec), `step` and `config`.
+
+Checkpoints hold the float32 master weights; `--dtype` casts them on the way out and
+defaults to the dtype the weights came in (`export_dtype`: bfloat16 for Qwen2.5; older
+checkpoints without it: their stored dtype).
 
 The output directory holds config.json, safetensors shards (+ index), generation_config.json
 and the tokenizer files with the ChatML template, so `AutoModelForCausalLM.from_pretrained`
@@ -71,6 +75,7 @@ def config_from_meta(meta: dict, key: str, where: str) -> Qwen2Config:
         raise ExportError(f"{where}: meta has no {key!r} entry (has {sorted(meta)})")
     hf = dict(meta[key])
     overrides = {k: hf.pop(k) for k in ("param_dtype", "dtype") if k in hf}
+    hf.pop("export_dtype", None)
     hf["_source"] = f"{where} meta[{key!r}]"
     return Qwen2Config.from_hf_dict(hf, **overrides)
 
@@ -167,7 +172,8 @@ def export_workdir(workdir: str | os.PathLike, out: str | os.PathLike, step: int
                    tokenizer: str | None = None, mesh=None) -> list[str]:
     """Writes the policy or critic of a training checkpoint as an HF directory.
 
-    `dtype` defaults to the parameters' training dtype; `tokenizer` overrides the spec
+    `dtype` defaults to the dtype the weights came in (the checkpoint meta's
+    `export_dtype`, else the stored dtype); `tokenizer` overrides the spec
     stored in the checkpoint. Returns the written file names (relative to `out`).
     """
     return _export(workdir, out, step, model, dtype, overwrite, max_shard_bytes, tokenizer,
@@ -183,7 +189,8 @@ def _export(workdir, out, step, model, dtype, overwrite, max_shard_bytes, tokeni
         raise ExportError(f"--dtype={dtype!r}: expected float32, bfloat16 or float16")
     _check_out_dir(out, workdir, overwrite)
     step, config, module, meta = _load_from_workdir(model, workdir, step, mesh)
-    log.info("exporting %s of step %d from %s", model, step, workdir)
+    dtype = dtype or meta[MODELS[model][1]].get("export_dtype") or config.param_dtype
+    log.info("exporting %s of step %d from %s in %s", model, step, workdir, dtype)
 
     from rlver_jax.tokenizer import load_chat_tokenizer
     spec = tokenizer or meta.get("tokenizer")
@@ -249,7 +256,7 @@ def _define_flags():
     flags.DEFINE_integer("step", None, "checkpoint step (default: the latest)", flag_values=fv)
     flags.DEFINE_enum("model", "policy", sorted(MODELS), "which model to export", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                      "weight dtype (default: the training param dtype)", flag_values=fv)
+                      "weight dtype (default: the dtype the weights came in)", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace a non-empty output directory", flag_values=fv)
     flags.DEFINE_string("max_shard_size", "5GB", "largest safetensors file (5GB, 2GiB, ...)",
                         flag_values=fv)

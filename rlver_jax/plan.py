@@ -1,5 +1,10 @@
 """Memory planner: per-device bytes of a training setup, before booking the hardware.
 
+What is resident, as the trainer holds it: the trained models' master weights in
+`param_dtype` (float32) with two Adam moments of the same dtype, the policy's sampling
+copy in its compute dtype (`dtype`; none when the masters already are in that dtype and
+layout), and the never-trained simulator / reference in their compute dtype.
+
 For a config (model presets, mesh, batch shape) it compiles the real programs ahead of
 time on abstract inputs: `jax.jit(...).lower(ShapeDtypeStruct with shardings).compile()`
 allocates nothing, and `memory_analysis()` of the compiled SPMD program gives the
@@ -20,11 +25,12 @@ Config fields read (all others are ignored): policy.preset, policy.dtype,
 policy.param_dtype (default: policy.dtype), policy.remat, policy.attention,
 simulator.attention, simulator.kind / .preset / .dtype / .max_prompt_tokens /
 .max_analyzer_tokens / .max_actor_tokens, critic.enabled (default: rl.algorithm ==
-"ppo"), reference.enabled or a KL coefficient > 0, mesh.shape, mesh.rules,
-mesh.sampling_rules, rollout.batch_dialogues (dialogues sampled together),
-rollout.max_dialogue_tokens (sequence length), rollout.max_turn_tokens, rl.mini_batches
-or rl.mini_batch_size (sequences per update step), rl.micro_batch_size,
-rollout.max_prefill_tokens (longest policy prefill, default 2048).
+"ppo"), critic.dtype / .param_dtype (default: the policy's), reference.enabled or a KL
+coefficient > 0, mesh.shape, mesh.rules, mesh.sampling_rules, rollout.batch_dialogues
+(dialogues sampled together), rollout.max_dialogue_tokens (sequence length),
+rollout.max_turn_tokens, rl.mini_batches or rl.mini_batch_size (sequences per update
+step), rl.micro_batch_size, rollout.max_prefill_tokens (longest policy prefill, default
+2048).
 
 The programs use the model's own attention (models/attention.py; "auto" is the blockwise
 flash-style path on CPU), so no [batch, heads, T, S] score tensor is planned; the table
@@ -120,6 +126,8 @@ class PlanSettings:
     simulator_prompt_tokens: int | None = None  # None: seq_len - turn_tokens
     simulator_new_tokens: int | None = None     # None: turn_tokens
     critic: bool = False
+    critic_dtype: str | None = None            # None: policy_dtype
+    critic_param_dtype: str | None = None      # None: the policy's param dtype
     reference: bool = False
     mesh_shape: tuple[int, int, int] = (1, -1, 1)
     rules: Any = "fsdp_tensor"
@@ -182,6 +190,8 @@ def settings_from_config(cfg) -> PlanSettings:
         simulator_new_tokens=max(int(_get(cfg, "simulator.max_analyzer_tokens", 0) or 0),
                                  int(_get(cfg, "simulator.max_actor_tokens", 0) or 0)) or turn,
         critic=bool(critic),
+        critic_dtype=_get(cfg, "critic.dtype"),
+        critic_param_dtype=_get(cfg, "critic.param_dtype"),
         reference=bool(_get(cfg, "reference.enabled", False)) or kl > 0,
         mesh_shape=tuple(int(s) for s in _get(cfg, "mesh.shape", (1, -1, 1))),
         rules=to_plain(rules), sampling_rules=to_plain(sampling_rules),
@@ -371,23 +381,30 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
         "settings": dataclasses.asdict(s),
     }
     policy = plan_update(policy_cfg, mesh, rules, s.batch, s.seq_len, s.micro_batch)
-    # The sampler runs the policy in the compute dtype of its parameters' copy.
-    sample_cfg = policy_cfg.replace(remat="none")
+    policy.update(param_dtype=policy_cfg.param_dtype, dtype=policy_cfg.dtype)
+    # The sampler reads a copy of the policy in its compute dtype (Trainer.sampling_view);
+    # it shares the training arrays only when their dtype and layout are already those.
+    sample_cfg = policy_cfg.replace(remat="none", param_dtype=policy_cfg.dtype)
     policy["sampler"] = plan_sampler(sample_cfg, mesh, sampling_rules, sampling_batch,
                                      prompt_len, s.turn_tokens, capacity=s.seq_len)
-    policy["sampling_copy"] = (0 if _same_layout(policy_cfg, mesh, rules, sampling_rules)
-                               else policy["sampler"]["params"])
+    shared = (policy_cfg.param_dtype == policy_cfg.dtype
+              and _same_layout(policy_cfg, mesh, rules, sampling_rules))
+    policy["sampling_copy"] = 0 if shared else policy["sampler"]["params"]
     out["policy"] = policy
     resident = policy["params"] + policy["opt_state"]
     update_scratch = policy["temp"] + policy["batch"]
     if s.critic:
-        critic = plan_update(policy_cfg, mesh, rules, s.batch, s.seq_len, s.micro_batch,
+        critic_cfg = policy_cfg.replace(
+            dtype=s.critic_dtype or policy_cfg.dtype,
+            param_dtype=s.critic_param_dtype or policy_cfg.param_dtype)
+        critic = plan_update(critic_cfg, mesh, rules, s.batch, s.seq_len, s.micro_batch,
                              kind="critic")
         out["critic"] = critic
         resident += critic["params"] + critic["opt_state"]
         update_scratch = max(update_scratch, critic["temp"] + critic["batch"])
     if s.reference:
-        ref_state = nnx.state(nnx.eval_shape(lambda: Qwen2(policy_cfg, rngs=nnx.Rngs(0))))
+        ref_cfg = policy_cfg.replace(param_dtype=policy_cfg.dtype)  # never trained
+        ref_state = nnx.state(nnx.eval_shape(lambda: Qwen2(ref_cfg, rngs=nnx.Rngs(0))))
         ref_in = shd.abstract_with_shardings(ref_state,
                                              shd.tree_shardings(ref_state, mesh, rules))
         out["reference"] = {"params": shd.bytes_per_device(ref_in)}
@@ -439,11 +456,11 @@ def format_table(result: Mapping[str, Any]) -> str:
              f"{'component':<34}{'GiB/device':>10}{'bytes/device':>16}"]
     row = lambda name, n: lines.append(f"{name:<34}{_gib(n)}")
     p = result["policy"]
-    row("policy params (train layout)", p["params"])
-    row("policy optimizer state", p["opt_state"])
+    row(f"policy params ({p.get('param_dtype', '?')} masters)", p["params"])
+    row(f"policy Adam moments ({p.get('param_dtype', '?')})", p["opt_state"])
     row("policy update scratch (temp)", p["temp"])
     row("policy update batch", p["batch"])
-    row("policy params (sampling copy)", p["sampling_copy"])
+    row(f"policy sampling copy ({p.get('dtype', '?')})", p["sampling_copy"])
     row("policy KV cache", p["sampler"]["kv_cache"])
     row("policy prefill scratch (temp)", p["sampler"]["prefill_temp"])
     row("policy decode scratch (temp)", p["sampler"]["decode_temp"])

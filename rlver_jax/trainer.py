@@ -39,9 +39,10 @@ from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, Rollou
 from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
-from rlver_jax.models import (Qwen2, Qwen2Config, create_model, critic_from_policy, get_preset,
-                              load_hf, load_hf_critic)
-from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
+from rlver_jax.models import (Qwen2, Qwen2Config, compute_dtype_copy, create_model,
+                              critic_from_policy, get_preset, load_hf, load_hf_critic)
+from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES
+from rlver_jax.models.hf_io import stored_dtype
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import losses
 from rlver_jax.rl.update import TrainBatch, TrainState, UpdateSettings, Updater, make_optimizer
@@ -96,6 +97,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
            f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
     _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
+    _check(c.rl.tis_cap >= 0, "rl.tis_cap", "must be 0 (off) or > 0")
+    for section in ("policy", "critic", "simulator"):
+        for field in ("dtype", "param_dtype"):
+            value = c[section].get(field)
+            _check(value is None or value in DTYPES, f"{section}.{field}",
+                   f"{value!r} is not one of {DTYPES}")
     _check(c.rl.get("agg_constant", 0) >= 0, "rl.agg_constant",
            "must be > 0, or 0 for the maximum response length")
     _check(c.rollout.unclosed_think in ("pass", "zero_reward"), "rollout.unclosed_think",
@@ -167,14 +174,34 @@ def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
     if cfg.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"config.{seed_name}.preset={section.preset!r} has a vocabulary of "
                           f"{cfg.vocab_size}, smaller than the tokenizer's {tokenizer.vocab_size}")
-    return cfg.replace(param_dtype=section.dtype, dtype=section.dtype,
+    return cfg.replace(param_dtype=_param_dtype(section), dtype=section.dtype,
                        remat=section.get("remat", "none"),
                        attention=_attention(section, seed_name),
                        eos_token_id=tokenizer.im_end_id, bos_token_id=None)
 
 
-def _hf_meta(config: Qwen2Config) -> dict:
-    return {**config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype}
+def _param_dtype(section) -> str:
+    """A section's storage dtype: `param_dtype` where the section has one (trained models),
+    else its compute dtype (models that are never trained)."""
+    return section.get("param_dtype") or section.dtype
+
+
+def _hf_meta(config: Qwen2Config, export_dtype: str) -> dict:
+    """A model's entry in the checkpoint meta: its HF config, the storage (`param_dtype`)
+    and compute (`dtype`) dtypes, and `export_dtype`, the dtype its weights came in (an
+    HF directory's, or the preset's), which `export` writes by default."""
+    return {**config.to_hf_dict(), "param_dtype": config.param_dtype, "dtype": config.dtype,
+            "export_dtype": export_dtype}
+
+
+def master_dtype_note(meta: dict, key: str, config: Qwen2Config) -> str | None:
+    """A one-line note when a checkpoint stores its masters in another dtype than this run
+    (checkpoints written before float32 masters hold bfloat16 ones); None when they agree."""
+    saved = (meta.get(key) or {}).get("param_dtype")
+    if saved is None or saved == config.param_dtype:
+        return None
+    return (f"checkpoint {key.replace('_model', '')} weights are stored in {saved}; "
+            f"continuing with {config.param_dtype} master weights (cast on restore)")
 
 
 def abstract_like(tree):
@@ -198,6 +225,10 @@ class Trainer:
         validate_process_layout(c, jax.process_count(), self.multiprocess)
         self.ppo = c.rl.algorithm == "ppo"
         self.kl_on = bool(c.rl.kl_loss_coef or c.rl.kl_reward_coef)
+        self._restore_notes: list[str] = []
+        # Unset: on for PPO, off for GRPO (configs/base.py says where each default is from).
+        self.whiten_advantages = (self.ppo if c.rl.whiten_advantages is None
+                                  else bool(c.rl.whiten_advantages))
 
         with jax.set_mesh(self.mesh), sharding_lib.logical_rules(self.rules):
             self._build_models()
@@ -228,33 +259,46 @@ class Trainer:
 
     def _build_models(self) -> None:
         c, tok = self.config, self.tokenizer
+        # Trained models keep float32 masters (`param_dtype`) and compute in `dtype`; the
+        # export dtype is the one the weights came in.
         if c.policy.hf_dir:
-            self.policy_config, policy = load_hf(self._model_dir("policy.hf_dir"),
-                                                 c.policy.dtype, self.mesh,
-                                                 self.rules, remat=c.policy.remat,
+            policy_dir = self._model_dir("policy.hf_dir")
+            self.policy_config, policy = load_hf(policy_dir, c.policy.dtype, self.mesh,
+                                                 self.rules, param_dtype=_param_dtype(c.policy),
+                                                 remat=c.policy.remat,
                                                  attention=_attention(c.policy, "policy"))
+            self.policy_export_dtype = stored_dtype(policy_dir)
         else:
             self.policy_config = _model_config(c.policy, tok, "policy")
             policy = create_model(self.policy_config, c.seed, mesh=self.mesh, rules=self.rules)
+            self.policy_export_dtype = get_preset(c.policy.preset).param_dtype
         self.policy_model = policy
         critic = None
         if self.ppo:
             if c.critic.hf_dir:
+                critic_dir = self._model_dir("critic.hf_dir")
                 self.critic_config, critic = load_hf_critic(
-                    self._model_dir("critic.hf_dir"), c.critic.dtype, self.mesh, self.rules,
-                    remat=c.policy.remat, attention=_attention(c.critic, "critic"))
+                    critic_dir, c.critic.dtype, self.mesh, self.rules,
+                    param_dtype=_param_dtype(c.critic), remat=c.policy.remat,
+                    attention=_attention(c.critic, "critic"))
+                self.critic_export_dtype = stored_dtype(critic_dir)
             else:
-                critic = critic_from_policy(policy)
-                self.critic_config = self.policy_config
+                self.critic_config = self.policy_config.replace(
+                    dtype=c.critic.dtype, param_dtype=_param_dtype(c.critic))
+                critic = critic_from_policy(policy, self.critic_config)
+                self.critic_export_dtype = self.policy_export_dtype
         self.critic_model = critic
         self.reference_params = None
         if self.kl_on:
+            # Never trained: held in the policy's compute dtype.
             if c.reference.hf_dir:
                 _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype,
                                  self.mesh, self.rules)
                 self.reference_params = nnx.state(ref, nnx.Param)
             else:
-                self.reference_params = jax.tree.map(jnp.copy, nnx.state(policy, nnx.Param))
+                self.reference_params = nnx.state(compute_dtype_copy(policy), nnx.Param)
+                if self.policy_config.param_dtype == self.policy_config.dtype:
+                    self.reference_params = jax.tree.map(jnp.copy, self.reference_params)
 
     def _build_user(self) -> None:
         c = self.config
@@ -329,9 +373,11 @@ class Trainer:
 
     # ----------------------------------------------------------------- a step
     def sampling_view(self) -> Qwen2:
-        """The current policy in the sampling layout: a device-to-device reshard when the
-        two layouts differ on this mesh, else the training arrays themselves."""
-        view = self.policy_updater.model(self.policy_state)
+        """The current policy as sampling reads it: in the compute dtype (a bf16 copy of
+        float32 masters halves what decoding reads) and in the sampling layout (a
+        device-to-device reshard when the two layouts differ on this mesh). With masters
+        already in the compute dtype and one layout, the training arrays themselves."""
+        view = compute_dtype_copy(self.policy_updater.model(self.policy_state))
         if self.sampling_rules == self.rules or self.mesh.size == 1:
             return view
         return sharding_lib.sampling_model(view, self.mesh, self.sampling_rules)
@@ -449,10 +495,25 @@ class Trainer:
         mean = lambda x: (x * mask_f).sum() / n_tok
         old_logp, entropy = self.policy_updater.forward_logprobs(policy_params, tokens,
                                                                  attention)
-        gap = jnp.abs(old_logp - arrays["sampler_logprobs"]) * mask_f
+        # Like with like: the trainer's log-probs are of the untruncated distribution (at
+        # the sampling temperature), so they are compared with the sampler's log-probs of
+        # that same distribution ("raw"), not with the top-p / top-k filtered one (which
+        # differs by the renormalisation whenever a filter is on).
+        sampler_logp = arrays["sampler_raw_logprobs"]
+        gap = jnp.abs(old_logp - sampler_logp) * mask_f
         metrics = {"logprob_gap/mean_abs": gap.sum() / n_tok,
                    "logprob_gap/max_abs": gap.max(),
                    "policy/entropy_rollout": mean(entropy)}
+        # Truncated importance sampling against the same raw sampler log-probs: it corrects
+        # the numerical sampler/trainer mismatch (bf16 sampling copy, other kernels), which
+        # is what the trainer's objective can see. The filtered log-probs would fold the
+        # deliberate top-p / top-k truncation into the weight, a bias (< 1 on every kept
+        # token) that no trainer-side term models.
+        tis_weights, tis_metrics = losses.tis_weights(old_logp, sampler_logp, loss_mask,
+                                                      c.rl.tis_cap)
+        metrics.update({f"tis/{k}": v.value() for k, v in tis_metrics.items()})
+        if not c.rl.tis_cap:
+            tis_weights = None
         ref_logp = jnp.zeros_like(old_logp)
         if reference_params is not None:
             ref_logp, _ = self.policy_updater.forward_logprobs(reference_params, tokens,
@@ -472,13 +533,13 @@ class Trainer:
         else:
             advantages = adv_lib.broadcast_sequence_advantage(row_advantage, loss_mask)
             returns = jnp.zeros_like(advantages)
-        if c.rl.whiten_advantages:
+        if self.whiten_advantages:  # returns above are taken before whitening
             advantages = adv_lib.masked_whiten(advantages, loss_mask)
         metrics["advantage/mean"] = mean(advantages)
         metrics["advantage/abs_mean"] = mean(jnp.abs(advantages))
         batch = TrainBatch(tokens=tokens, attention_mask=attention, loss_mask=loss_mask,
                            old_logp=old_logp, ref_logp=ref_logp, advantages=advantages,
-                           returns=returns, old_values=values)
+                           returns=returns, old_values=values, tis_weights=tis_weights)
         return batch, metrics
 
     @staticmethod
@@ -521,12 +582,13 @@ class Trainer:
 
     def _meta(self, step: int) -> dict:
         meta = {"step": step, "config": self.config.to_dict(),
-                "policy_model": _hf_meta(self.policy_config), "tokenizer": self.tokenizer.spec,
+                "policy_model": _hf_meta(self.policy_config, self.policy_export_dtype),
+                "tokenizer": self.tokenizer.spec,
                 "policy_update_step": int(self.policy_state.step),
                 "profiles_seen": step * (self.config.rollout.batch_dialogues
                                          // self.config.rollout.group_size)}
         if self.ppo:
-            meta["critic_model"] = _hf_meta(self.critic_config)
+            meta["critic_model"] = _hf_meta(self.critic_config, self.critic_export_dtype)
             meta["critic_update_step"] = int(self.critic_state.step)
         return json.loads(json.dumps(meta, default=str))
 
@@ -534,8 +596,13 @@ class Trainer:
         step = checkpointer.latest_step()
         if step is None:
             return 0
+        # Leaves restore in the targets' dtypes: older checkpoints' bf16 masters are cast up.
         targets = abstract_like(self._items())
         step, items, meta = checkpointer.restore(step, targets)
+        self._restore_notes = [note for note in (
+            master_dtype_note(meta, "policy_model", self.policy_config),
+            master_dtype_note(meta, "critic_model", self.critic_config) if self.ppo else None)
+            if note]
         self.policy_state = TrainState(step=jnp.int32(meta["policy_update_step"]),
                                        params=items["policy_params"],
                                        opt_state=items["policy_opt"])
@@ -568,6 +635,8 @@ class Trainer:
                                   filename=f"metrics.process{jax.process_index()}.jsonl")
         if start:
             writer.log(f"resumed from step {start} in {self.workdir}")
+            for note in self._restore_notes:
+                writer.log(note)
         if self.is_main:
             storage.write_text(storage.join(self.workdir, "config.json"),
                                json.dumps(c.to_dict(), indent=2, default=str))

@@ -5,7 +5,8 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.policy = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32", remat="none"))
+    c.policy = ml_collections.ConfigDict(dict(preset="tiny", param_dtype="float32",
+                                              dtype="float32", remat="none"))
     c.simulator = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32"))
     c.critic = ml_collections.ConfigDict(dict(enabled=False))
     c.mesh = ml_collections.ConfigDict(dict(shape=(2, 2, 2), rules="fsdp_tensor"))

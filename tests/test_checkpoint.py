@@ -98,6 +98,29 @@ def test_round_trip_params_and_adamw_state(tmp_path, param_dtype):
     assert fresh.restore_meta(3) == META
 
 
+def test_bf16_masters_of_an_old_checkpoint_restore_as_float32_with_a_note(tmp_path):
+    """Checkpoints written before float32 masters hold bf16 params and moments: a float32
+    run restores them cast up (exactly: bf16 -> f32 is lossless) and says so in one line."""
+    from rlver_jax.trainer import master_dtype_note
+    params, opt = trained_state("bfloat16")
+    old_meta = {"policy_model": {"param_dtype": "bfloat16", "dtype": "bfloat16"}}
+    ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=1, async_save=False)
+    assert ckpt.save(1, {"policy_params": params, "policy_opt": opt}, old_meta)
+    f32 = lambda tree: jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32 if jnp.issubdtype(
+            x.dtype, jnp.floating) else x.dtype), tree)
+    _, restored, meta = ckpt.restore(targets={"policy_params": f32(params),
+                                              "policy_opt": f32(opt)})
+    ckpt.close()
+    for got, saved in zip(jax.tree.leaves(restored["policy_params"]), jax.tree.leaves(params)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(saved, np.float32))
+    note = master_dtype_note(meta, "policy_model", CONFIG.replace(param_dtype="float32"))
+    assert note == ("checkpoint policy weights are stored in bfloat16; continuing with "
+                    "float32 master weights (cast on restore)")
+    assert master_dtype_note(meta, "policy_model", CONFIG.replace(param_dtype="bfloat16")) is None
+
+
 def test_restore_onto_mesh_lands_sharded(tmp_path):
     mesh = make_mesh((2, 2, 2))
     params, opt = trained_state()           # saved from one device

@@ -260,6 +260,37 @@ def test_policy_loss_hand():
     assert float(metrics["ratio_mean"].value()) == 1.0
 
 
+# ------------------------------------------------------------ truncated importance sampling
+
+
+@pytest.mark.parametrize("cap", [2.0, 0.0])
+def test_tis_weights_and_weighted_policy_loss_hand(cap):
+    # Trainer vs sampler probabilities of four sampled tokens (the last is off the mask):
+    # ratios 0.5/0.2 = 2.5, 0.3/0.3 = 1, 0.2/0.4 = 0.5, 0.4/0.1 = 4.
+    trainer = jnp.log(jnp.array([[0.5, 0.3, 0.2, 0.4]]))
+    sampler = jnp.log(jnp.array([[0.2, 0.3, 0.4, 0.1]]))
+    mask = jnp.array([[1, 1, 1, 0]])
+    weights, metrics = losses.tis_weights(trainer, sampler, mask, cap)
+    want = [2.0, 1.0, 0.5, 2.0] if cap else [2.5, 1.0, 0.5, 4.0]
+    np.testing.assert_allclose(weights, [want], rtol=RTOL)
+    np.testing.assert_allclose(metrics["weight_mean"].value(), sum(want[:3]) / 3, rtol=RTOL)
+    np.testing.assert_allclose(metrics["capped_frac"].value(), 1 / 3 if cap else 0.0)
+    # A constant: no gradient reaches the trainer's log-probs through the weight.
+    grad_w = jax.grad(lambda t: losses.tis_weights(t, sampler, mask, cap)[0].sum())(trainer)
+    np.testing.assert_array_equal(grad_w, 0.0)
+
+    # At ratio 1 (logp = old_logp) the token loss is -A, times the weight:
+    # cap 2: (-1*2 + 2*1 - 4*0.5) / 3 = -2/3; no cap: (-2.5 + 2 - 2) / 3 = -2.5/3.
+    adv = jnp.array([[1.0, -2.0, 4.0, 7.0]])
+    loss_fn = lambda logp: losses.policy_loss(logp, trainer, adv, mask,
+                                              token_weights=weights)[0].value()
+    np.testing.assert_allclose(loss_fn(trainer), (-2.0 if cap else -2.5) / 3, rtol=RTOL)
+    # d loss / d logp = -A * w * ratio / n on unclipped tokens.
+    np.testing.assert_allclose(jax.grad(loss_fn)(trainer),
+                               [[-want[0] / 3, 2 * want[1] / 3, -4 * want[2] / 3, 0.0]],
+                               rtol=RTOL, atol=ATOL)
+
+
 # ----------------------------------------------------------------------------- value loss
 
 

@@ -70,7 +70,9 @@ def test_cli_json_on_fake_devices():
                          "--xla_llvm_disable_expensive_passes=true")
     out = subprocess.run(
         [sys.executable, "-m", "rlver_jax.plan", f"--config={CONFIG_FILE}", "--devices", "4",
-         "--config.mesh.shape=(1,2,2)", "--json", "--device_memory_gib=1"],
+         "--config.mesh.shape=(1,2,2)", "--json", "--device_memory_gib=1",
+         # The trained-model numerics: float32 masters, bf16 compute.
+         "--config.policy.param_dtype=float32", "--config.policy.dtype=bfloat16"],
         env=env, capture_output=True, text=True, timeout=240, check=False)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -82,6 +84,11 @@ def test_cli_json_on_fake_devices():
     # float32 weights split at least 2 ways (the norms stay whole): under half a copy + norms.
     assert 0 < result["params_bytes_per_device"] < 0.6 * 4 * n_params
     assert result["fits"] is True
+    # Resident: float32 masters, two float32 Adam moments, a bf16 sampling copy.
+    p = result["policy"]
+    assert abs(p["opt_state"] - 2 * p["params"]) <= 0.05 * p["params"]
+    assert p["param_dtype"] == "float32" and p["dtype"] == "bfloat16"
+    assert p["sampling_copy"] == p["sampler"]["params"] > 0
     assert result["simulator"]["kv_cache"] > 0 and result["policy"]["temp"] > 0
 
 

@@ -198,8 +198,8 @@ def test_sampled_frequencies_match_softmax(models):
                                                      (1.2, 8, 0.8), (0.6, 0, 1.0)])
 def test_truncation_and_logprobs_against_a_forward_pass(models, temperature, top_k, top_p):
     """Every emitted token is inside the allowed set computed in NumPy from the logits of
-    a forward pass over prompt + output; `raw_logprobs` are that pass's log-softmax and
-    `logprobs` the filtered distribution's."""
+    a forward pass over prompt + output; `raw_logprobs` are that pass's log-softmax at the
+    sampling temperature (untruncated) and `logprobs` the filtered distribution's."""
     _, _, config, model, sampler = models["gqa2-untied"]
     rng = np.random.default_rng(1)
     prompts = random_prompts(rng, config.vocab_size, rng.integers(1, 14, size=8))
@@ -212,7 +212,8 @@ def test_truncation_and_logprobs_against_a_forward_pass(models, temperature, top
         allowed = reference_filter(step_logits, temperature, top_k, top_p)
         at = np.arange(len(toks))
         assert np.all(np.isfinite(allowed[at, toks])), (toks, allowed)
-        np.testing.assert_allclose(raws, log_softmax(step_logits)[at, toks], atol=1e-5)
+        np.testing.assert_allclose(raws, log_softmax(step_logits / temperature)[at, toks],
+                                   atol=1e-5)
         np.testing.assert_allclose(lps, allowed[at, toks], atol=1e-4)
 
 

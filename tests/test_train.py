@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,8 +81,82 @@ def test_cli_end_to_end_writes_metrics_checkpoints_logs_and_plots(tmp_path):
     assert "reward/mean" in proc.stdout
 
 
-# Resume (a fresh Trainer continues a run exactly like a straight run) is tested through a
-# gs:// workdir in tests/test_storage.py.
+def lose_last_checkpoint(workdir) -> None:
+    """What a kill between two checkpoints leaves: the last checkpoint never written (the
+    metrics written after it are dropped on resume)."""
+    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    shutil.rmtree(workdir / "checkpoints" / str(steps[-1]))
+
+
+def assert_same_records(a, b):
+    a, b = comparable(a), comparable(b)
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert ra.keys() == rb.keys()
+        for key in ra:
+            np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+# Resume of the GRPO default (a fresh Trainer continues a run exactly like a straight run)
+# is tested through a gs:// workdir in tests/test_storage.py; PPO's resume below.
+
+
+# PPO as configs/tiny.py runs it with one dialogue per profile. top-p < 1 with TIS on: the
+# gap alarm compares the trainer with the sampler's untruncated log-probs, ~0 in float32.
+PPO = ["--config.rl.algorithm=ppo", "--config.rollout.group_size=1",
+       "--config.rollout.batch_dialogues=2", "--config.rollout.top_p=0.7",
+       "--config.rl.tis_cap=2.0", "--config.checkpoint.every=1", "--config.log.plots=false",
+       "--config.total_steps=3"]
+
+
+def test_ppo_cli_trains_resumes_after_a_kill_and_exports_policy_and_critic(tmp_path):
+    from rlver_jax import export
+    run_cli(tmp_path, *PPO)
+    straight = read_metrics(tmp_path / "metrics.jsonl")
+    for r in straight:
+        for key in ("critic/value_loss", "critic/clip_frac", "critic/explained_variance_before",
+                    "tis/weight_mean", "tis/capped_frac"):
+            assert np.isfinite(r[key]), key
+        assert r["logprob_gap/max_abs"] < 1e-4          # like with like despite top-p 0.7
+        assert r["tis/weight_mean"] == pytest.approx(1.0, abs=1e-4)
+        assert r["tis/capped_frac"] == 0.0
+        # Whitened over the loss-masked tokens (the PPO default): mean ~0.
+        assert abs(r["advantage/mean"]) < 1e-4 and r["update/skipped"] == 0
+    # The critic learns something from step to step: its loss is not constant.
+    assert len({round(r["critic/value_loss"], 8) for r in straight}) > 1
+
+    lose_last_checkpoint(tmp_path)
+    proc = run_cli(tmp_path, *PPO)
+    assert "resumed from step 2" in proc.stderr
+    assert_same_records(straight, read_metrics(tmp_path / "metrics.jsonl"))
+
+    for kind in ("policy", "critic"):
+        out = tmp_path / f"hf_{kind}"
+        assert export.main(["export", f"--workdir={tmp_path}", f"--out={out}",
+                            f"--model={kind}"]) == 0
+        hf = json.loads((out / "config.json").read_text())
+        assert hf["dtype"] == "float32"       # the tiny preset's weights came in float32
+        assert hf["architectures"] == (["Qwen2ForCausalLM"] if kind == "policy"
+                                       else ["Qwen2ForTokenClassification"])
+        assert (out / "model.safetensors").stat().st_size > 0
+
+
+def test_think_mode_grpo_row_advantages_count_each_dialogue_once():
+    """In think mode a dialogue gives one training row per policy turn; its group's
+    statistics must count the dialogue once, and every row gets the dialogue's value."""
+    from types import SimpleNamespace
+    c = small_config(1)
+    rewards = {"d0": 0.2, "d1": 0.6, "d2": 0.5, "d3": 0.5}        # groups (d0, d1), (d2, d3)
+    turns = {"d0": 3, "d1": 1, "d2": 2, "d3": 1}
+    result = SimpleNamespace(
+        dialogues=[SimpleNamespace(dialogue_id=d) for d in rewards],
+        samples=[SimpleNamespace(dialogue_id=d) for d in rewards for _ in range(turns[d])])
+    fake = SimpleNamespace(config=c, rollout=SimpleNamespace(
+        final_reward=lambda st: rewards[st.dialogue_id]))
+    got = Trainer._grpo_row_advantages(fake, result, rows=8)
+    # (0.2 - 0.4) / (unbiased std 0.2 * sqrt(2) + 1e-6) = -0.70711; equal rewards give 0.
+    a = 0.2 / (0.2 * np.sqrt(2) + 1e-6)
+    np.testing.assert_allclose(got, [-a, -a, -a, a, 0, 0, 0, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
@@ -122,6 +197,19 @@ def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
     assert proc.returncode != 0
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("policy.param_dtype", "float8", "config.policy.param_dtype"),
+    ("rl.tis_cap", -1.0, "config.rl.tis_cap"),
+])
+def test_bad_numerics_values_name_the_key(key, value, needle):
+    from rlver_jax.trainer import validate_config
+    c = small_config(1)
+    section, field = key.split(".")
+    c[section][field] = value
+    with pytest.raises(ConfigError, match=needle):
+        validate_config(c)
 
 
 def test_empty_profile_file_names_the_file(tmp_path):

@@ -122,7 +122,8 @@ class _TensorIndex:
         return array
 
 
-def _read_config(path: str, dtype: str, **overrides) -> Qwen2Config:
+def _read_config(path: str, dtype: str, param_dtype: str | None = None,
+                 **overrides) -> Qwen2Config:
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"HF model directory not found: {path}")
@@ -131,13 +132,21 @@ def _read_config(path: str, dtype: str, **overrides) -> Qwen2Config:
         raise CheckpointFormatError(f"{path}: no config.json (not an HF model directory)")
     try:
         return Qwen2Config.from_json_file(config_path,
-                                          **{"param_dtype": dtype, "dtype": dtype, **overrides})
+                                          **{"param_dtype": param_dtype or dtype, "dtype": dtype,
+                                             **overrides})
     except KeyError as e:  # a missing key; its message already names the file
         raise CheckpointFormatError(str(e.args[0]) if e.args else str(e)) from e
     except (ValueError, TypeError, NotImplementedError, UnicodeDecodeError) as e:
         text = str(e)
         raise CheckpointFormatError(text if config_path in text else f"{config_path}: {text}"
                                     ) from e
+
+
+def stored_dtype(path: str | os.PathLike) -> str:
+    """The dtype an HF directory's weights are stored in (its config.json's `dtype` /
+    `torch_dtype`; float32 when it names none): what an export defaults to."""
+    _read_config(path, "float32")  # the clear errors of a malformed directory
+    return Qwen2Config.from_json_file(os.path.join(os.fspath(path), "config.json")).param_dtype
 
 
 def _fill(model: nnx.Module, source: Callable[[tuple, tuple[int, ...]], Callable],
@@ -194,13 +203,14 @@ def _backbone_source(config: Qwen2Config, tensors: _TensorIndex, prefix: tuple =
 
 
 def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=None,
-            **config_overrides) -> tuple[Qwen2Config, Qwen2]:
-    """Reads an HF Qwen2 directory into a (sharded) `Qwen2` with weights in `dtype`.
+            param_dtype: str | None = None, **config_overrides) -> tuple[Qwen2Config, Qwen2]:
+    """Reads an HF Qwen2 directory into a (sharded) `Qwen2` computing in `dtype`, with its
+    weights stored in `param_dtype` (default `dtype`: a model that is never trained).
 
     `config_overrides` set non-architectural config fields (e.g. remat="full").
     """
     path = os.fspath(path)
-    config = _read_config(path, dtype, **config_overrides)
+    config = _read_config(path, dtype, param_dtype, **config_overrides)
     tensors = _TensorIndex(path)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         # Some exporters write the tied head anyway; it is ignored by design.
@@ -211,11 +221,13 @@ def load_hf(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=No
 
 
 def load_hf_critic(path: str | os.PathLike, dtype: str = "float32", mesh=None, rules=None,
-                   **config_overrides) -> tuple[Qwen2Config, Qwen2Critic]:
+                   param_dtype: str | None = None, **config_overrides
+                   ) -> tuple[Qwen2Config, Qwen2Critic]:
     """A critic from an HF directory: backbone from the LM; the value head from a
-    `score.weight` [1, D] (Qwen2ForTokenClassification layout) when present, else zeros."""
+    `score.weight` [1, D] (Qwen2ForTokenClassification layout) when present, else zeros.
+    Weights stored in `param_dtype` (default `dtype`), computed in `dtype`."""
     path = os.fspath(path)
-    config = _read_config(path, dtype, **config_overrides)
+    config = _read_config(path, dtype, param_dtype, **config_overrides)
     tensors = _TensorIndex(path)
     critic = nnx.eval_shape(lambda: Qwen2Critic(config, rngs=nnx.Rngs(0)))
     backbone = _backbone_source(config, tensors, prefix=("backbone",))

@@ -326,9 +326,11 @@ def create_model(config: Qwen2Config, seed: int = 0, *, mesh=None, rules=None,
     return nnx.merge(graphdef, init_state())
 
 
-def critic_from_policy(policy: Qwen2) -> Qwen2Critic:
-    """A critic whose backbone shares the policy's current weights (copied) and a zero head."""
-    critic = nnx.eval_shape(lambda: Qwen2Critic(policy.config, rngs=nnx.Rngs(0)))
+def critic_from_policy(policy: Qwen2, config: Qwen2Config | None = None) -> Qwen2Critic:
+    """A critic whose backbone holds a copy of the policy's current weights (cast to
+    `config.param_dtype`; default the policy's config) and a zero head."""
+    config = policy.config if config is None else config
+    critic = nnx.eval_shape(lambda: Qwen2Critic(config, rngs=nnx.Rngs(0)))
     backbone_state = nnx.state(policy)
     critic_state = nnx.state(critic)
     values = {}
@@ -337,13 +339,24 @@ def critic_from_policy(policy: Qwen2) -> Qwen2Critic:
             src = backbone_state
             for key in path[1:]:
                 src = src[key]
-            values[path] = jnp.array(src[...], copy=True)
+            values[path] = jnp.array(src[...], dtype=var.dtype, copy=True)
         else:
             values[path] = jnp.zeros(var.shape, var.dtype)
     for path, var in nnx.to_flat_state(critic_state):
         var.set_value(values[path]) if hasattr(var, "set_value") else setattr(var, "value", values[path])
     nnx.update(critic, critic_state)
     return critic
+
+
+def compute_dtype_copy(model: nnx.Module) -> nnx.Module:
+    """The model with every floating-point parameter cast to its compute dtype
+    (`config.dtype`): what sampling reads. Float32 masters make a new, half-size copy;
+    when the parameters are already stored in the compute dtype the arrays are shared."""
+    graphdef, state = nnx.split(model)
+    dtype = model.config.jnp_dtype
+    cast = lambda x: (x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                      and x.dtype != dtype else x)
+    return nnx.merge(graphdef, jax.tree.map(cast, state))
 
 
 def count_params(config: Qwen2Config, with_lm_head: bool = True) -> int:

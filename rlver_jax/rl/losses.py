@@ -147,12 +147,14 @@ def policy_loss(
     log_ratio_clamp: float = 20.0,
     agg_mode: AggMode = "token-mean",
     constant_normaliser: float | None = None,
+    token_weights: Array | None = None,
 ) -> tuple[LossTerm, dict[str, LossTerm]]:
     """PPO clipped surrogate with clip-higher and optional dual clip.
 
         ratio = exp(clamp(logp - old_logp, ±log_ratio_clamp))
         l     = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))
         l     = min(l, -A * dual_clip)            for A < 0 when dual_clip is set
+        l     = w * l                             with token_weights w (e.g. `tis_weights`)
 
     A token whose ratio is clipped (the clipped branch is the max) has zero gradient; with
     dual clip, a token with A < 0 and ratio > dual_clip has zero gradient too. The log-ratio
@@ -167,6 +169,8 @@ def policy_loss(
       dual_clip: c > 1 bounds the loss of negative-advantage tokens at -A * c; None: off.
       log_ratio_clamp: |log ratio| bound before exp.
       agg_mode, constant_normaliser: see `aggregate`.
+      token_weights: [B, T] float, constant per-token factors of the loss (no gradient
+        flows into them); None: 1.
 
     Returns:
       (loss, metrics). loss is a LossTerm; metrics are token-mean LossTerms:
@@ -191,6 +195,8 @@ def policy_loss(
         per_token = jnp.where(dual_active, bound, per_token)
     else:
         dual_active = jnp.zeros_like(clip_active)
+    if token_weights is not None:
+        per_token = per_token * jax.lax.stop_gradient(jnp.asarray(token_weights, jnp.float32))
 
     loss = aggregate(per_token, mask, agg_mode, constant_normaliser)
     k3_old_new = jax.lax.stop_gradient(ratio - 1.0 - log_ratio)
@@ -201,6 +207,49 @@ def policy_loss(
         "ratio_mean": aggregate(jax.lax.stop_gradient(ratio), mask),
     }
     return loss, metrics
+
+
+def tis_weights(
+    trainer_logp: Array,
+    sampler_logp: Array,
+    mask: Array,
+    cap: float,
+    log_ratio_clamp: float = 20.0,
+) -> tuple[Array, dict[str, LossTerm]]:
+    """Truncated importance-sampling weights for a sampler that is not the trainer's policy.
+
+        w = min(exp(clamp(trainer_logp - sampler_logp, ±log_ratio_clamp)), cap)
+
+    (verl / slime / NeMo-RL's TIS): tokens were drawn from the sampler's distribution, the
+    trainer's objective is under its own `trainer_logp` (the old policy it recomputes), so
+    each token's policy-gradient term is reweighted by their ratio, capped to bound the
+    variance. The weight is a constant (no gradient). `cap <= 0` turns the cap (and, for
+    callers, the correction) off: w is the plain ratio, reported but not meant to be used.
+
+    Args:
+      trainer_logp: [B, T] float, the trainer's log-probs of the sampled tokens.
+      sampler_logp: [B, T] float, the sampler's (untruncated) log-probs of the same tokens.
+      mask: [B, T] {0, 1}, 1 on policy tokens.
+      cap: the truncation bound (e.g. 2.0); <= 0: none.
+      log_ratio_clamp: |log ratio| bound before exp (overflow guard only).
+
+    Returns:
+      (weights [B, T] float32, metrics): token-mean LossTerms `weight_mean` (of the capped
+      weight) and `capped_frac` (tokens whose ratio exceeded the cap).
+    """
+    log_ratio = jnp.clip(jnp.asarray(trainer_logp, jnp.float32)
+                         - jnp.asarray(sampler_logp, jnp.float32),
+                         -log_ratio_clamp, log_ratio_clamp)
+    ratio = jax.lax.stop_gradient(jnp.exp(log_ratio))
+    if cap > 0:
+        capped = ratio > cap
+        weights = jnp.minimum(ratio, cap)
+    else:
+        capped = jnp.zeros(ratio.shape, bool)
+        weights = ratio
+    metrics = {"weight_mean": aggregate(weights, mask),
+               "capped_frac": aggregate(capped.astype(jnp.float32), mask)}
+    return weights, metrics
 
 
 def value_loss(

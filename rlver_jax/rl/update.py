@@ -35,7 +35,9 @@ class TrainBatch:
 
     old_logp: log-probs under the parameters that generated the rollout (recomputed by the
     trainer); ref_logp: under the reference model (zeros when no KL term is used);
-    advantages, returns, old_values: [B, T] (returns / old_values unused by the policy).
+    advantages, returns, old_values: [B, T] (returns / old_values unused by the policy);
+    tis_weights: [B, T] truncated importance weights of the policy-gradient term
+    (`losses.tis_weights`), or None (no correction).
     """
 
     tokens: Array
@@ -46,6 +48,7 @@ class TrainBatch:
     advantages: Array
     returns: Array
     old_values: Array
+    tis_weights: Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +186,7 @@ def policy_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         pg, pg_metrics = losses.policy_loss(
             logp, mb.old_logp, mb.advantages, mb.loss_mask, clip_low=s.clip_low,
             clip_high=s.clip_high, dual_clip=s.dual_clip, agg_mode=s.agg_mode,
-            constant_normaliser=s.constant_normaliser)
+            constant_normaliser=s.constant_normaliser, token_weights=mb.tis_weights)
         ent = losses.aggregate(entropy, mb.loss_mask)
         total = pg.total / safe(n_policy) - s.entropy_coef * ent.total / safe(n_tokens)
         kl_total = jnp.zeros((), jnp.float32)

@@ -68,7 +68,9 @@ def kept_prefix(prompt: Sequence[int], cached: Sequence[int]) -> int:
 class SampleOutput:
     """Per prompt: generated ids (ending with the stop token when one was produced), their
     log-probs under the sampling distribution (after temperature / top-k / top-p; 0 for
-    greedy), and under the unmodified model (temperature 1, no truncation)."""
+    greedy), and `raw_logprobs`, under the untruncated distribution at the sampling
+    temperature (temperature 1 when greedy): the distribution the trainer computes, so the
+    two are compared like with like (the `logprob_gap/*` alarm, importance weights)."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
@@ -101,14 +103,15 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
 
 
 def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
-    """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp).
+    """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp);
+    raw: log-softmax of logits / temperature without top-k / top-p (temperature 1 if greedy).
 
     The sampling parameters are traced scalars, so the branches are `lax.cond`s rather than
     `jnp.where`s: on CPU the [B, V] sort of `filter_logits` costs more than a decode step of
     a 100M model, and the categorical draw (B * V random numbers) nearly as much, so greedy
     skips both and untruncated sampling skips the sort.
     """
-    raw = jax.nn.log_softmax(logits, axis=-1)
+    raw = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
     take = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
 
     def greedy(_):

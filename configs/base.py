@@ -26,11 +26,14 @@ def get_config() -> ml_collections.ConfigDict:
     c.policy.param_dtype = "float32"
     c.policy.dtype = "bfloat16"
     c.policy.remat = "full"
+    # Attention implementation per model (models/attention.py): "auto" picks per backend.
+    c.policy.attention = "auto"
 
     c.critic = ml_collections.ConfigDict()
     c.critic.hf_dir = ""                # empty: initialise from the policy weights
     c.critic.param_dtype = "float32"
     c.critic.dtype = "bfloat16"
+    c.critic.attention = "auto"
 
     c.reference = ml_collections.ConfigDict()
     c.reference.hf_dir = ""             # empty: the initial policy; built only for a KL term
@@ -42,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.hf_dir = ""
     c.simulator.tokenizer = ""          # empty: the policy tokenizer
     c.simulator.dtype = "bfloat16"      # never trained: its weights are stored in this dtype
+    c.simulator.attention = "auto"
     c.simulator.difficulty = "hard"     # sage | hard | strict
     # Individual knobs override the difficulty preset (env/simulator.py SimulatorSettings);
     # unset (None) keeps the preset's value; -1 turns an optional bound off. E.g.

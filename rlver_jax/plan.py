@@ -22,18 +22,29 @@ compiler of the platform that compiles: CPU numbers for a TPU / GPU plan are an 
 (same sharding and rematerialisation, different fusion and layouts).
 
 Config fields read (all others are ignored): policy.preset, policy.dtype,
-policy.param_dtype (default: policy.dtype), policy.remat, simulator.kind / .preset /
-.dtype / .max_prompt_tokens / .max_analyzer_tokens / .max_actor_tokens, critic.enabled
-(default: rl.algorithm == "ppo"), critic.dtype / .param_dtype (default: the policy's),
-reference.enabled or a KL coefficient > 0, mesh.shape,
-mesh.rules, mesh.sampling_rules, rollout.batch_dialogues (dialogues sampled together),
-rollout.max_dialogue_tokens (sequence length), rollout.max_turn_tokens, rl.mini_batches
-or rl.mini_batch_size (sequences per update step), rl.micro_batch_size,
-rollout.max_prefill_tokens (longest policy prefill, default 2048).
+policy.param_dtype (default: policy.dtype), policy.remat, policy.attention,
+simulator.attention, simulator.kind / .preset / .dtype / .max_prompt_tokens /
+.max_analyzer_tokens / .max_actor_tokens, critic.enabled (default: rl.algorithm ==
+"ppo"), critic.dtype / .param_dtype (default: the policy's), reference.enabled or a KL
+coefficient > 0, mesh.shape, mesh.rules, mesh.sampling_rules, rollout.batch_dialogues
+(dialogues sampled together), rollout.max_dialogue_tokens (sequence length),
+rollout.max_turn_tokens, rl.mini_batches or rl.mini_batch_size (sequences per update
+step), rl.micro_batch_size, rollout.max_prefill_tokens (longest policy prefill, default
+2048).
 
-Attention materialises [batch, heads, T, S] float32 scores (no flash kernel yet), so a
-long prefill, not the weights, is often the largest item: the table shows prefill and
-decode scratch separately.
+The programs use the model's own attention (models/attention.py; "auto" is the blockwise
+flash-style path on CPU), so no [batch, heads, T, S] score tensor is planned; the table
+shows prefill and decode scratch separately.
+
+CPU artefact: XLA's CPU backend has no bfloat16 matmul, so it converts the bfloat16 weight
+stack to float32 (hoisted out of the layer loop) inside every bfloat16 sampler program; TPU
+and GPU compilers multiply bfloat16 natively. The planner sizes that copy (float32 bytes of
+the layer kernels per device), confirms it with a probe program (the layer scan's weight
+matmuls alone, same weights and layout; the copy counts only as far as the probe's scratch
+shows it) and shows it as its own line. On a CPU plan for a bfloat16 model the verdict
+(`peak_bytes_per_device`, `fits`) is for the target backend: the CPU peak minus that copy,
+bounded by the program's scratch. `cpu_compiler_peak_bytes_per_device` keeps the
+CPU compiler's own number.
 """
 
 from __future__ import annotations
@@ -110,6 +121,8 @@ class PlanSettings:
     policy_remat: str | None = None           # None: the preset's
     simulator_preset: str | None = None
     simulator_dtype: str = "bfloat16"
+    policy_attention: str = "auto"             # models/attention.py implementation
+    simulator_attention: str = "auto"
     simulator_prompt_tokens: int | None = None  # None: seq_len - turn_tokens
     simulator_new_tokens: int | None = None     # None: turn_tokens
     # Kept per dialogue across turns: two caches (analyzer, actor), each up to twice a
@@ -174,6 +187,8 @@ def settings_from_config(cfg) -> PlanSettings:
         policy_remat=_get(cfg, "policy.remat"),
         simulator_preset=simulator,
         simulator_dtype=str(_get(cfg, "simulator.dtype", "bfloat16")),
+        policy_attention=str(_get(cfg, "policy.attention", "auto")),
+        simulator_attention=str(_get(cfg, "simulator.attention", "auto")),
         simulator_prompt_tokens=_get(cfg, "simulator.max_prompt_tokens"),
         simulator_new_tokens=max(int(_get(cfg, "simulator.max_analyzer_tokens", 0) or 0),
                                  int(_get(cfg, "simulator.max_actor_tokens", 0) or 0)) or turn,
@@ -265,6 +280,33 @@ def abstract_cache(config, mesh, rules, batch: int, capacity: int) -> KVCache:
                    next_position=jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows(1)))
 
 
+def cpu_weight_upcast(config, mesh, rules, weights_in) -> int:
+    """The float32 copy of the bfloat16 layer weights that the CPU backend's matmuls make:
+    the copy's size (float32 bytes of the stacked layer kernels per device), counted only
+    as far as a probe shows it: the scratch of a program that just multiplies an activation
+    row by every layer kernel in a scan over the stacked weights, as the model does (the
+    probe also holds small buffers of its own, so its scratch bounds the copy from above).
+    0 for float32 models."""
+    if config.jnp_dtype == jnp.float32:
+        return 0
+    stacked = weights_in["layers"]
+    kernels = {n: v for n, v in stacked.items() if len(v.shape) >= 3}
+
+    def probe(stack):
+        def body(total, layer):
+            for w in layer.values():
+                row = jnp.ones((1, w.shape[0]), config.jnp_dtype)
+                total = total + jnp.sum(jnp.einsum(
+                    "BD,D...->B...", row, w, preferred_element_type=jnp.float32))
+            return total, None
+        return jax.lax.scan(body, jnp.zeros((), jnp.float32), stack)[0]
+
+    with jax.set_mesh(mesh), shd.logical_rules(rules):
+        compiled = jax.jit(probe).lower(kernels).compile()
+    f32_copy = shd.bytes_per_device(kernels) * 4 // config.jnp_dtype.itemsize
+    return min(_memory(compiled)["temp"], f32_copy)
+
+
 def plan_sampler(config, mesh, rules, batch: int, prompt_len: int, new_tokens: int,
                  capacity: int | None = None) -> dict[str, Any]:
     """Compiles the sampler's prefill and decode programs on abstract inputs.
@@ -297,9 +339,13 @@ def plan_sampler(config, mesh, rules, batch: int, prompt_len: int, new_tokens: i
             weights_in, cache_in, rows((b, config.vocab_size), jnp.float32),
             rows((b,), jnp.bool_), keys, scalar(jnp.int32), stops, scalar(jnp.float32),
             scalar(jnp.int32), scalar(jnp.float32), max_new_bucket=new_bucket).compile()
+    upcast = 0
+    if mesh.devices.flat[0].platform == "cpu":
+        upcast = cpu_weight_upcast(config, mesh, rules, weights_in)
     return {
         "params": shd.bytes_per_device(weights_in),
         "kv_cache": shd.bytes_per_device(cache_in),
+        "cpu_weight_upcast": upcast,
         "prefill_temp": _memory(prefill)["temp"],
         "decode_temp": _memory(decode)["temp"],
         "temp": max(_memory(prefill)["temp"], _memory(decode)["temp"]),
@@ -328,7 +374,7 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
     rules = shd.get_rules(s.rules)
     sampling_rules = shd.get_rules(s.sampling_rules)
     policy_cfg = _model_config(s.policy_preset, s.policy_dtype, s.policy_param_dtype,
-                               s.policy_remat)
+                               s.policy_remat).replace(attention=s.policy_attention)
     prompt_len = max(min(s.seq_len - s.turn_tokens, s.policy_prefill_tokens), 1)
     sampling_batch = s.sampling_batch or s.batch
     out: dict[str, Any] = {
@@ -368,9 +414,14 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
         out["reference"] = {"params": shd.bytes_per_device(ref_in)}
         resident += out["reference"]["params"]
     rollout = policy["sampling_copy"] + policy["sampler"]["kv_cache"]
+    # Scratch on the target backend: the CPU compiler's weight upcast taken out.
+    target_scratch = lambda sampler: sampler["temp"] - min(sampler["cpu_weight_upcast"],
+                                                           sampler["temp"])
     sampler_scratch = policy["sampler"]["temp"]
+    target_sampler_scratch = target_scratch(policy["sampler"])
     if s.simulator_preset:
-        sim_cfg = _model_config(s.simulator_preset, s.simulator_dtype, None, "none")
+        sim_cfg = _model_config(s.simulator_preset, s.simulator_dtype, None,
+                                "none").replace(attention=s.simulator_attention)
         sim_prompt = s.simulator_prompt_tokens or max(s.seq_len - s.turn_tokens, 1)
         sim_new = s.simulator_new_tokens or s.turn_tokens
         fresh = next_power_of_two(next_power_of_two(sim_prompt, 16) + next_power_of_two(sim_new))
@@ -382,9 +433,16 @@ def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None =
         resident += sim["params"]
         rollout += streams * sim["kv_cache"]
         sampler_scratch = max(sampler_scratch, sim["temp"])
+        target_sampler_scratch = max(target_sampler_scratch, target_scratch(sim))
     out["resident_bytes_per_device"] = resident
     out["update_peak_bytes_per_device"] = resident + update_scratch
-    out["rollout_peak_bytes_per_device"] = resident + rollout + sampler_scratch
+    out["cpu_compiler_rollout_peak_bytes_per_device"] = resident + rollout + sampler_scratch
+    out["rollout_peak_bytes_per_device"] = resident + rollout + target_sampler_scratch
+    out["cpu_compiler_peak_bytes_per_device"] = max(
+        out["update_peak_bytes_per_device"],
+        out["cpu_compiler_rollout_peak_bytes_per_device"])
+    # The verdict's number: the target backend's (equal to the CPU compiler's on a real
+    # accelerator or for float32 models, where no upcast is measured).
     out["peak_bytes_per_device"] = max(out["update_peak_bytes_per_device"],
                                        out["rollout_peak_bytes_per_device"])
     out["params_bytes_per_device"] = policy["params"]
@@ -414,6 +472,8 @@ def format_table(result: Mapping[str, Any]) -> str:
     row("policy KV cache", p["sampler"]["kv_cache"])
     row("policy prefill scratch (temp)", p["sampler"]["prefill_temp"])
     row("policy decode scratch (temp)", p["sampler"]["decode_temp"])
+    if p["sampler"].get("cpu_weight_upcast"):
+        row("  of which CPU bf16->f32 weights", p["sampler"]["cpu_weight_upcast"])
     if "critic" in result:
         c = result["critic"]
         row("critic params", c["params"])
@@ -429,16 +489,29 @@ def format_table(result: Mapping[str, Any]) -> str:
             streams * sim["kv_cache"])
         row("simulator prefill scratch (temp)", sim["prefill_temp"])
         row("simulator decode scratch (temp)", sim["decode_temp"])
+        if sim.get("cpu_weight_upcast"):
+            row("  of which CPU bf16->f32 weights", sim["cpu_weight_upcast"])
     lines.append("-" * 60)
     row("resident (all phases)", result["resident_bytes_per_device"])
     row("peak during update", result["update_peak_bytes_per_device"])
-    row("peak during rollout", result["rollout_peak_bytes_per_device"])
+    cpu_rollout = result.get("cpu_compiler_rollout_peak_bytes_per_device",
+                             result["rollout_peak_bytes_per_device"])
+    if cpu_rollout != result["rollout_peak_bytes_per_device"]:
+        row("peak during rollout (CPU compiler)", cpu_rollout)
+        row("peak during rollout (target)", result["rollout_peak_bytes_per_device"])
+    else:
+        row("peak during rollout", result["rollout_peak_bytes_per_device"])
     row("PEAK", result["peak_bytes_per_device"])
     if "fits" in result:
         verdict = "fits" if result["fits"] else "DOES NOT FIT"
-        lines.append(f"device memory {result['device_memory_bytes'] / GiB:.1f} GiB: {verdict}")
+        headroom = 1 - result["peak_bytes_per_device"] / result["device_memory_bytes"]
+        lines.append(f"device memory {result['device_memory_bytes'] / GiB:.1f} GiB: {verdict} "
+                     f"(headroom {100 * headroom:.0f}%)")
     if result["platform"] == "cpu":
         lines.append("scratch (temp) compiled for CPU: an estimate for TPU/GPU")
+        if cpu_rollout != result["rollout_peak_bytes_per_device"]:
+            lines.append("target peak = CPU peak minus the CPU compiler's bf16->f32 weight "
+                         "copy (measured by a matmul-only probe; TPU/GPU multiply bf16)")
     return "\n".join(lines)
 
 

@@ -41,7 +41,7 @@ from rlver_jax.metrics import MetricWriter
 from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
 from rlver_jax.models import (Qwen2, Qwen2Config, compute_dtype_copy, create_model,
                               critic_from_policy, get_preset, load_hf, load_hf_critic)
-from rlver_jax.models.config import DTYPES
+from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES
 from rlver_jax.models.hf_io import stored_dtype
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import losses
@@ -160,6 +160,15 @@ def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = No
         raise ConfigError(f"config.simulator: {e}") from e
 
 
+def _attention(section, name: str) -> str:
+    """The section's attention implementation (models/attention.py), checked."""
+    value = section.get("attention", "auto")
+    if value not in ATTENTION_IMPLEMENTATIONS:
+        raise ConfigError(f"config.{name}.attention={value!r}: expected one of "
+                          f"{ATTENTION_IMPLEMENTATIONS}")
+    return value
+
+
 def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
     cfg = get_preset(section.preset)
     if cfg.vocab_size < tokenizer.vocab_size:
@@ -167,6 +176,7 @@ def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
                           f"{cfg.vocab_size}, smaller than the tokenizer's {tokenizer.vocab_size}")
     return cfg.replace(param_dtype=_param_dtype(section), dtype=section.dtype,
                        remat=section.get("remat", "none"),
+                       attention=_attention(section, seed_name),
                        eos_token_id=tokenizer.im_end_id, bos_token_id=None)
 
 
@@ -254,7 +264,8 @@ class Trainer:
             policy_dir = self._model_dir("policy.hf_dir")
             self.policy_config, policy = load_hf(policy_dir, c.policy.dtype, self.mesh,
                                                  self.rules, param_dtype=_param_dtype(c.policy),
-                                                 remat=c.policy.remat)
+                                                 remat=c.policy.remat,
+                                                 attention=_attention(c.policy, "policy"))
             self.policy_export_dtype = stored_dtype(policy_dir)
         else:
             self.policy_config = _model_config(c.policy, tok, "policy")
@@ -267,7 +278,8 @@ class Trainer:
                 critic_dir = self._model_dir("critic.hf_dir")
                 self.critic_config, critic = load_hf_critic(
                     critic_dir, c.critic.dtype, self.mesh, self.rules,
-                    param_dtype=_param_dtype(c.critic), remat=c.policy.remat)
+                    param_dtype=_param_dtype(c.critic), remat=c.policy.remat,
+                    attention=_attention(c.critic, "critic"))
                 self.critic_export_dtype = stored_dtype(critic_dir)
             else:
                 self.critic_config = self.policy_config.replace(
@@ -298,7 +310,8 @@ class Trainer:
         # The simulator only samples: it is built directly in the sampling layout.
         if c.simulator.hf_dir:
             _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype,
-                                   self.mesh, self.sampling_rules)
+                                   self.mesh, self.sampling_rules,
+                                   attention=_attention(c.simulator, "simulator"))
         else:
             sim_config = _model_config(c.simulator, sim_tok, "simulator")
             sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,

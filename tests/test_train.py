@@ -190,6 +190,7 @@ def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
     (["--config.rl.clip_hgh=0.3"], 'did you mean "clip_high"'),
     (["--config.policy.hf_dir=/nonexistent/qwen"], "config.policy.hf_dir"),
     (["--config.rl.algorithm=ddpg"], "config.rl.algorithm"),
+    (["--config.policy.attention=flash"], "config.policy.attention='flash'"),
 ])
 def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
     proc = run_cli(tmp_path, "--config.total_steps=1", *args, check=False, timeout=300)

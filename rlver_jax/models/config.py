@@ -19,6 +19,8 @@ import jax.numpy as jnp
 MASK_VALUE = -1e30
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# models/attention.py IMPLEMENTATIONS (repeated here: config.py imports no model code).
+ATTENTION_IMPLEMENTATIONS = ("auto", "reference", "blockwise", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -48,12 +50,17 @@ class Qwen2Config:
     dtype: str = "float32"
     remat: str = "none"
     initializer_range: float = 0.02
+    # Attention implementation (models/attention.py IMPLEMENTATIONS); "auto" picks per backend.
+    attention: str = "auto"
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                     f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                     f"({self.num_kv_heads})")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: expected one of "
+                             f"{ATTENTION_IMPLEMENTATIONS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: expected one of {REMAT_POLICIES}")
         for field in ("param_dtype", "dtype"):

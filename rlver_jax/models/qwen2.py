@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlver_jax.models.config import MASK_VALUE, Qwen2Config
+from rlver_jax.models.attention import dot_product_attention
+from rlver_jax.models.config import Qwen2Config
 from rlver_jax.sharding import constrain
 
 
@@ -94,23 +95,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
-    """Grouped-query attention.
-
-    q: [B, T, N, H]; k, v: [B, S, K, H]; allowed: [B, T, S] bool -> [B, T, N, H].
-    Scores and softmax in float32.
-    """
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k,
-                        preferred_element_type=jnp.float32) / jnp.sqrt(jnp.float32(h))
-    scores = jnp.where(allowed[:, None, None, :, :], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
-
-
 _REMAT = {
     "full": None,
     "dots": jax.checkpoint_policies.checkpoint_dots,
@@ -119,13 +103,15 @@ _REMAT = {
 
 
 def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
-                  cos: jax.Array, sin: jax.Array, allowed: jax.Array,
-                  kv: tuple[jax.Array, jax.Array] | None, write_index: jax.Array | None):
+                  cos: jax.Array, sin: jax.Array, key_valid: jax.Array,
+                  query_slots: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
+                  write_index: jax.Array | None):
     """One pre-norm decoder block.
 
     x: [B, T, D]. Without a cache (`kv` None) keys are this call's own T tokens. With a
     cache, `kv` is this layer's (k, v) [B, S, K, H] and the new keys are written at slots
-    [write_index, write_index + T). Returns (x, new (k, v) or None).
+    [write_index, write_index + T). key_valid [B, S] and query_slots [B, T] are the slot
+    mask (see models/attention.py). Returns (x, new (k, v) or None).
     """
     dtype = config.jnp_dtype
     w = {name: value.astype(dtype) for name, value in p.items()}
@@ -147,7 +133,9 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
                                               (zero, write_index, zero, zero))
         new_kv = (keys, values)
         keys, values = keys.astype(dtype), values.astype(dtype)
-    attn = attention(q, keys, values, allowed)
+    attn = dot_product_attention(q, keys, values, key_valid=key_valid,
+                                 query_slots=query_slots, implementation=config.attention,
+                                 causal_offset=0 if kv is None else None)
     x = x + jnp.einsum("BTNH,NHD->BTD", attn, w["o_kernel"])
     x = constrain(x, ("batch", "length", "embed"))
 
@@ -194,7 +182,7 @@ class DecoderStack(nnx.Module):
     def weights(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.param_specs(self.config)}
 
-    def __call__(self, x, cos, sin, allowed, cache: KVCache | None):
+    def __call__(self, x, cos, sin, key_valid, query_slots, cache: KVCache | None):
         config = self.config
         layer = functools.partial(decoder_layer, config)
         if config.remat != "none":
@@ -202,14 +190,15 @@ class DecoderStack(nnx.Module):
 
         if cache is None:
             def body(h, p):
-                h, _ = layer(p, h, cos, sin, allowed, None, None)
+                h, _ = layer(p, h, cos, sin, key_valid, query_slots, None, None)
                 return h, None
             x, _ = jax.lax.scan(body, x, self.weights())
             return x, None
 
         def body_cached(h, inputs):
             p, k_l, v_l = inputs
-            h, (k_l, v_l) = layer(p, h, cos, sin, allowed, (k_l, v_l), cache.index)
+            h, (k_l, v_l) = layer(p, h, cos, sin, key_valid, query_slots, (k_l, v_l),
+                                 cache.index)
             return h, (k_l, v_l)
         x, (k, v) = jax.lax.scan(body_cached, x, (self.weights(), cache.k, cache.v))
         return x, (k, v)
@@ -258,15 +247,13 @@ class Qwen2(nnx.Module):
             positions = offset + jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)
         cos, sin = rotary_tables(positions, c.resolved_head_dim, c.rope_theta)
 
+        # The attention mask as the slot rule (models/attention.py): key slot s is visible
+        # to query t iff it holds a real token and s <= t's slot. Never a [B, T, S] tensor.
         if cache is None:
-            slots = jnp.arange(t)
-            causal = slots[None, :] <= slots[:, None]                       # [T, S=T]
-            allowed = causal[None] & mask[:, None, :]
+            key_valid, query_slots = mask, jnp.arange(t, dtype=jnp.int32)
         else:
             valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, cache.index))
-            query_slots = cache.index + jnp.arange(t)
-            causal = jnp.arange(cache.capacity)[None, :] <= query_slots[:, None]
-            allowed = causal[None] & valid[:, None, :]
+            key_valid, query_slots = valid, cache.index + jnp.arange(t, dtype=jnp.int32)
 
         # The table is gathered over its embed split before the lookup (FSDP style), so the
         # backward scatters batch-split gradients into it; XLA's own choice would replicate
@@ -274,7 +261,7 @@ class Qwen2(nnx.Module):
         table = constrain(self.embed[...], ("vocab", None))
         x = table.astype(c.jnp_dtype)[input_ids]
         x = constrain(x, ("batch", "length", "embed"))
-        x, kv = self.layers(x, cos, sin, allowed, cache)
+        x, kv = self.layers(x, cos, sin, key_valid, query_slots, cache)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
         if cache is None:

@@ -69,3 +69,14 @@ def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
         elif a == f"--{flag}" and i + 1 < len(out):
             out[i + 1] = resolve_config_arg(out[i + 1])
     return out
+
+
+def prepare_config_argv() -> None:
+    """What a CLI that takes `--config` does before defining the flag: make the shipped
+    configs importable, resolve a shipped name in `sys.argv`, and stop with one line when the
+    file does not exist."""
+    ensure_configs_importable()
+    sys.argv[:] = resolve_config_argv(sys.argv)
+    if (missing := missing_config_error(sys.argv)) is not None:
+        print(missing, file=sys.stderr)
+        sys.exit(2)

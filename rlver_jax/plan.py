@@ -567,11 +567,7 @@ if __name__ == "__main__":
     from rlver_jax import config_files
     from rlver_jax.cli_errors import config_error, parse_flags_or_exit
 
-    config_files.ensure_configs_importable()
-    sys.argv[:] = config_files.resolve_config_argv(sys.argv)
-    if (_missing := config_files.missing_config_error(sys.argv)) is not None:
-        print(_missing, file=sys.stderr)
-        sys.exit(2)
+    config_files.prepare_config_argv()
     try:
         # config_flags reads the overrides in sys.argv while the flag is defined.
         config_flags.DEFINE_config_file("config", None, "ml-collections config file.",

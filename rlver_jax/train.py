@@ -21,11 +21,7 @@ from rlver_jax.cli_errors import one_line, parse_flags_or_exit
 
 _DEFAULT_CONFIG = config_files.DEFAULT_CONFIG
 if __name__ == "__main__":
-    config_files.ensure_configs_importable()
-    sys.argv[:] = config_files.resolve_config_argv(sys.argv)
-    if (_missing := config_files.missing_config_error(sys.argv)) is not None:
-        print(_missing, file=sys.stderr)
-        sys.exit(2)
+    config_files.prepare_config_argv()
 
 
 try:

@@ -31,6 +31,7 @@ from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, Sample, col
 from rlver_jax.env.users import Analysis, LLMUser, RuleUser, SimulatorSampling, UserReply
 from rlver_jax.sampling import SampleOutput
 from rlver_jax.tokenizer import IM_END, ChatTokenizer
+from tests.scripted_user import ScriptedGenerator
 
 MAX_TURN_TOKENS = 8
 # Real-model dialogues are capped at 3 policy turns so that the prompts stay within two
@@ -82,28 +83,14 @@ class ScriptedSampler:
     """
 
     def __init__(self, tokenizer: ChatTokenizer, script: Callable[[int, str, int], str]):
-        self.tok = tokenizer
-        self.script = script
         self.calls: list[Call] = []
+        self._generator = ScriptedGenerator(
+            tokenizer, lambda row, text, _max_new: script(row, text, len(self.calls)))
 
     def generate(self, model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, top_k=0,
                  stop_token_ids=(), seed=0, previous=None, keep_state=False):
-        tokens, lps, raws, stopped = [], [], [], []
-        for row, prompt in enumerate(prompts):
-            ids: list[int] = []
-            stop = False
-            if prompt is not None:
-                text = self.script(row, self.tok.decode(prompt), len(self.calls))
-                ids = self.tok.encode(text, allow_special=True)[:max_new_tokens]
-                for k, t in enumerate(ids):
-                    if t in stop_token_ids:
-                        ids, stop = ids[:k + 1], True
-                        break
-            tokens.append(ids)
-            lps.append([-0.01 * (k + 1) - row for k in range(len(ids))])
-            raws.append([-0.02 * (k + 1) - row for k in range(len(ids))])
-            stopped.append(stop)
-        out = SampleOutput(tokens, lps, raws, stopped, state=None)
+        out = self._generator.generate(model, prompts, max_new_tokens,
+                                       stop_token_ids=stop_token_ids)
         self.calls.append(Call([None if p is None else list(p) for p in prompts], out,
                                previous is not None, None))
         return out

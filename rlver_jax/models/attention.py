@@ -139,6 +139,12 @@ def _unlayout(rows, b, t, n, h, kv, q_block):
     return out.reshape(b, nq * q_block, n, h)[:, :t]
 
 
+def _key_block(k, v, key_valid, k0, k_block):
+    """Keys, values [B, C, K, H] and validity [B, C] of the key block starting at slot k0."""
+    return tuple(jax.lax.dynamic_slice_in_dim(x, k0, k_block, axis=1)
+                 for x in (k, v, key_valid))
+
+
 def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale):
     """Online softmax over key blocks. Returns out [B, nQ, K, R, H] f32 and lse
     [B, nQ, K, R] f32 (0 on rows that see nothing; their out is 0)."""
@@ -151,9 +157,7 @@ def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale):
         def body(j, carry):
             m, l, acc = carry
             k0 = j * k_block
-            k_blk = jax.lax.dynamic_slice_in_dim(k, k0, k_block, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, k0, k_block, axis=1)
-            valid_blk = jax.lax.dynamic_slice_in_dim(key_valid, k0, k_block, axis=1)
+            k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, k0, k_block)
             s, mask = _block_scores(qb, k_blk, valid_blk, sb, k0, scale)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
@@ -192,9 +196,7 @@ def _blockwise_backward(q_rows, k, v, key_valid, slots_rows, out, lse, d_out, k_
         def body(j, inner):
             dq, dk, dv = inner
             k0 = j * k_block
-            k_blk = jax.lax.dynamic_slice_in_dim(k, k0, k_block, axis=1)
-            v_blk = jax.lax.dynamic_slice_in_dim(v, k0, k_block, axis=1)
-            valid_blk = jax.lax.dynamic_slice_in_dim(key_valid, k0, k_block, axis=1)
+            k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, k0, k_block)
             s, mask = _block_scores(qb, k_blk, valid_blk, sb, k0, scale)
             p = jnp.where(mask, jnp.exp(s - lb[..., None]), 0.0)           # [B, K, R, C]
             dv_blk = jnp.einsum("BKRC,BKRH->BCKH", p, dob)

@@ -35,6 +35,9 @@ from rlver_jax.models.config import MASK_VALUE  # finite: masked logits never gi
 
 DEFAULT_Q_BLOCK = 256
 DEFAULT_K_BLOCK = 256
+# One query row per KV head group: the scores are tiny whatever the key block, so the block
+# only sets how far past the filled length a step reads and how many loop trips it takes.
+DECODE_K_BLOCK = 128
 CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 SPLASH_BLOCK = 128
 
@@ -100,14 +103,37 @@ def _key_block_range(key_valid, last_slot, k_block):
     return start, jnp.maximum(stop, start)
 
 
-def _block_scores(q_rows, k_blk, valid_blk, slots_rows, k0, scale):
+def _scores(q_rows, k_blk, one_query=False):
+    """q_rows [B, K, R, H] . k_blk [B, C, K, H] -> f32 [B, K, R, C].
+
+    For a decode step the matmul is degenerate (R = G rows) and XLA:CPU would first
+    transpose every key block to put the K batch axis in front; as a broadcast multiply and
+    reduction in the block's own [B, C, K, H] order the block is read once, in place, and
+    only the small scores are transposed. `one_query`: q_block is 1 (R == G)."""
+    if one_query:
+        prod = (q_rows.astype(jnp.float32)[:, None, :, :, :]
+                * k_blk.astype(jnp.float32)[:, :, :, None, :])        # [B, C, K, R, H]
+        return jnp.transpose(prod.sum(axis=-1), (0, 2, 3, 1))
+    return jnp.einsum("BKRH,BCKH->BKRC", q_rows, k_blk, preferred_element_type=jnp.float32)
+
+
+def _weighted_values(p, v_blk, one_query=False):
+    """p [B, K, R, C] . v_blk [B, C, K, H] -> f32 [B, K, R, H] (see `_scores`)."""
+    if one_query:
+        p_c = jnp.transpose(p, (0, 3, 1, 2))                           # [B, C, K, R]
+        prod = p_c[..., None] * v_blk.astype(jnp.float32)[:, :, :, None, :]
+        return prod.sum(axis=1)
+    return jnp.einsum("BKRC,BCKH->BKRH", p.astype(v_blk.dtype), v_blk,
+                      preferred_element_type=jnp.float32)
+
+
+def _block_scores(q_rows, k_blk, valid_blk, slots_rows, k0, scale, one_query=False):
     """Masked float32 scores [B, K, R, C] of one (query block, key block) pair and its mask.
 
     q_rows [B, K, R, H]; k_blk [B, C, K, H]; valid_blk [B, C]; slots_rows [B, R] (each
     row's query slot); k0: the block's first slot.
     """
-    s = jnp.einsum("BKRH,BCKH->BKRC", q_rows, k_blk,
-                   preferred_element_type=jnp.float32) * scale
+    s = _scores(q_rows, k_blk, one_query) * scale
     key_slots = k0 + jnp.arange(k_blk.shape[1], dtype=jnp.int32)
     mask = valid_blk[:, None, :] & (key_slots[None, None, :] <= slots_rows[:, :, None])
     return jnp.where(mask[:, None], s, MASK_VALUE), mask[:, None]
@@ -139,15 +165,24 @@ def _unlayout(rows, b, t, n, h, kv, q_block):
     return out.reshape(b, nq * q_block, n, h)[:, :t]
 
 
-def _key_block(k, v, key_valid, k0, k_block):
-    """Keys, values [B, C, K, H] and validity [B, C] of the key block starting at slot k0."""
-    return tuple(jax.lax.dynamic_slice_in_dim(x, k0, k_block, axis=1)
-                 for x in (k, v, key_valid))
+def _key_block(k, v, key_valid, layer, k0, k_block):
+    """Keys, values [B, C, K, H] and validity [B, C] of the key block starting at slot k0.
+
+    k, v are stacked [L, B, S, K, H] and `layer` picks one: a block is sliced straight
+    out of the stacked cache, so decode never copies a whole layer's cache out of it.
+    """
+    def block(x):
+        starts = (layer, 0, k0) + (0,) * (x.ndim - 3)
+        return jax.lax.dynamic_slice(x, starts, (1,) + x.shape[1:2] + (k_block,)
+                                     + x.shape[3:])[0]
+    return block(k), block(v), jax.lax.dynamic_slice_in_dim(key_valid, k0, k_block, axis=1)
 
 
-def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale):
-    """Online softmax over key blocks. Returns out [B, nQ, K, R, H] f32 and lse
-    [B, nQ, K, R] f32 (0 on rows that see nothing; their out is 0)."""
+def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, layer, k_block, scale,
+                       one_query=False):
+    """Online softmax over key blocks (k, v stacked [L, B, S, K, H], `layer` the one read).
+    Returns out [B, nQ, K, R, H] f32 and lse [B, nQ, K, R] f32 (0 on rows that see
+    nothing; their out is 0)."""
     b, nq, kv, r, h = q_rows.shape
 
     def one_query_block(args):
@@ -157,14 +192,13 @@ def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale):
         def body(j, carry):
             m, l, acc = carry
             k0 = j * k_block
-            k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, k0, k_block)
-            s, mask = _block_scores(qb, k_blk, valid_blk, sb, k0, scale)
+            k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, layer, k0, k_block)
+            s, mask = _block_scores(qb, k_blk, valid_blk, sb, k0, scale, one_query)
             m_new = jnp.maximum(m, s.max(axis=-1))
             p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
             correction = jnp.exp(m - m_new)
             l = l * correction + p.sum(axis=-1)
-            pv = jnp.einsum("BKRC,BCKH->BKRH", p.astype(v.dtype), v_blk,
-                            preferred_element_type=jnp.float32)
+            pv = _weighted_values(p, v_blk, one_query)
             return m_new, l, acc * correction[..., None] + pv
 
         init = (jnp.full((b, kv, r), MASK_VALUE, jnp.float32),
@@ -180,10 +214,11 @@ def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale):
     return jnp.moveaxis(out, 0, 1), jnp.moveaxis(lse, 0, 1)
 
 
-def _blockwise_backward(q_rows, k, v, key_valid, slots_rows, out, lse, d_out, k_block,
-                        scale):
+def _blockwise_backward(q_rows, k, v, key_valid, slots_rows, layer, out, lse, d_out,
+                        k_block, scale):
     """Flash backward: per query block, recompute each visible key block's probabilities
-    from the saved logsumexp; dq per block, dk / dv accumulated over query blocks."""
+    from the saved logsumexp; dq per block, dk / dv [B, S, K, H] of layer `layer`
+    accumulated over query blocks."""
     b, nq, kv, r, h = q_rows.shape
     # D = rowsum(dO * O): the softmax Jacobian's correction term.
     delta = jnp.einsum("BQKRH,BQKRH->BQKR", d_out, out)
@@ -196,7 +231,7 @@ def _blockwise_backward(q_rows, k, v, key_valid, slots_rows, out, lse, d_out, k_
         def body(j, inner):
             dq, dk, dv = inner
             k0 = j * k_block
-            k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, k0, k_block)
+            k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, layer, k0, k_block)
             s, mask = _block_scores(qb, k_blk, valid_blk, sb, k0, scale)
             p = jnp.where(mask, jnp.exp(s - lb[..., None]), 0.0)           # [B, K, R, C]
             dv_blk = jnp.einsum("BKRC,BKRH->BCKH", p, dob)
@@ -212,45 +247,63 @@ def _blockwise_backward(q_rows, k, v, key_valid, slots_rows, out, lse, d_out, k_
         dq, dk, dv = jax.lax.fori_loop(start, stop, body, (dq0, dk, dv))
         return (dk, dv), dq
 
-    zeros = jnp.zeros(k.shape, jnp.float32)
+    zeros = jnp.zeros(k.shape[1:], jnp.float32)
     xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q_rows, slots_rows, lse, d_out, delta))
     (dk, dv), dq = jax.lax.scan(one_query_block, (zeros, zeros), xs)
     return jnp.moveaxis(dq, 0, 1), dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise_core(q_rows, k, v, key_valid, slots_rows, k_block, scale):
-    out, _ = _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _blockwise_core(q_rows, k, v, key_valid, slots_rows, layer, k_block, scale, one_query):
+    out, _ = _blockwise_forward(q_rows, k, v, key_valid, slots_rows, layer, k_block, scale,
+                                one_query)
     return out
 
 
-def _blockwise_core_fwd(q_rows, k, v, key_valid, slots_rows, k_block, scale):
-    out, lse = _blockwise_forward(q_rows, k, v, key_valid, slots_rows, k_block, scale)
-    return out, (q_rows, k, v, key_valid, slots_rows, out, lse)
+def _blockwise_core_fwd(q_rows, k, v, key_valid, slots_rows, layer, k_block, scale,
+                        one_query):
+    out, lse = _blockwise_forward(q_rows, k, v, key_valid, slots_rows, layer, k_block,
+                                  scale, one_query)
+    return out, (q_rows, k, v, key_valid, slots_rows, layer, out, lse)
 
 
-def _blockwise_core_bwd(k_block, scale, res, d_out):
-    q_rows, k, v, key_valid, slots_rows, out, lse = res
-    dq, dk, dv = _blockwise_backward(q_rows, k, v, key_valid, slots_rows, out, lse,
+def _blockwise_core_bwd(k_block, scale, one_query, res, d_out):
+    q_rows, k, v, key_valid, slots_rows, layer, out, lse = res
+    dq, dk, dv = _blockwise_backward(q_rows, k, v, key_valid, slots_rows, layer, out, lse,
                                      d_out.astype(jnp.float32), k_block, scale)
-    return (dq.astype(q_rows.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+    # Only the layer read has a gradient (training passes one layer: L == 1, a reshape).
+    place = lambda full, grad: jax.lax.dynamic_update_index_in_dim(
+        jnp.zeros(full.shape, full.dtype), grad.astype(full.dtype), layer, 0)
+    return (dq.astype(q_rows.dtype), place(k, dk), place(v, dv), None, None, None)
 
 
 _blockwise_core.defvjp(_blockwise_core_fwd, _blockwise_core_bwd)
 
 
 def blockwise_attention(q, k, v, key_valid, query_slots, q_block=DEFAULT_Q_BLOCK,
-                        k_block=DEFAULT_K_BLOCK):
-    """Flash-style attention in plain JAX (see the module docstring)."""
+                        k_block=None, layer=None):
+    """Flash-style attention in plain JAX (see the module docstring). With `layer`, k and v
+    are a stacked cache [L, B, S, K, H] and layer `layer` is read in place.
+    k_block None: DECODE_K_BLOCK for one query, else DEFAULT_K_BLOCK."""
     b, t, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
+    if k_block is None:
+        k_block = DECODE_K_BLOCK if t == 1 else DEFAULT_K_BLOCK
+    if layer is None:
+        k, v, layer = k[None], v[None], jnp.zeros((), jnp.int32)
+    elif k.shape[2] > 1:
+        # A single key block spanning the whole cache is a loop-invariant slice: XLA hoists
+        # it and fuses the in-place cache update into it, which costs two copies of the
+        # whole stacked cache per layer. Two or more blocks keep the slice in the loop.
+        k_block = min(k_block, k.shape[2] // 2)
+    s, kv = k.shape[2], k.shape[3]
     q_block = max(1, min(q_block, t))
     k_block = max(1, min(k_block, s))
     s_padded = -(-s // k_block) * k_block
-    k, v = _pad_axis(k, 1, s_padded), _pad_axis(v, 1, s_padded)
+    k, v = _pad_axis(k, 2, s_padded), _pad_axis(v, 2, s_padded)
     key_valid = _pad_axis(key_valid, 1, s_padded, value=False)
     q_rows, slots_rows = _layout(q, kv, query_slots, q_block)
-    out = _blockwise_core(q_rows, k, v, key_valid, slots_rows, k_block, 1.0 / math.sqrt(h))
+    out = _blockwise_core(q_rows, k, v, key_valid, slots_rows, jnp.asarray(layer, jnp.int32),
+                          k_block, 1.0 / math.sqrt(h), q_block == 1)
     return _unlayout(out, b, t, n, h, kv, q_block).astype(q.dtype)
 
 
@@ -336,7 +389,7 @@ def resolve_implementation(implementation, q, k, causal_offset=None,
 
 def dot_product_attention(q, k, v, *, key_valid, query_slots, implementation="auto",
                           causal_offset: int | None = None, q_block: int = DEFAULT_Q_BLOCK,
-                          k_block: int = DEFAULT_K_BLOCK):
+                          k_block: int | None = None, layer: jax.Array | None = None):
     """q: [B, T, N, H]; k, v: [B, S, K, H] (GQA: N % K == 0); key_valid: [B, S] bool;
     query_slots: [T] or [B, T] int32, the slot index of each query.
     Key slot s is visible to query t iff key_valid[b, s] and s <= query_slots[..., t].
@@ -345,22 +398,32 @@ def dot_product_attention(q, k, v, *, key_valid, query_slots, implementation="au
 
     causal_offset: a static promise that query_slots == causal_offset + arange(T) (the
     plain forward: 0), which kernels with static masks (splash) need.
-    q_block / k_block: the blockwise implementation's tile sizes.
+    q_block / k_block: the blockwise implementation's tile sizes (k_block None:
+    DECODE_K_BLOCK for a single query, DEFAULT_K_BLOCK otherwise).
+    layer: k and v are a stacked cache [L, B, S, K, H] and this (traced) layer is read;
+    the blockwise implementation slices its key blocks out of the stack in place (a decode
+    step then never copies a layer's cache), the others take the layer's slice first.
     """
     b, t, n, h = q.shape
-    if k.shape[0] != b or v.shape != k.shape or n % k.shape[2] or k.shape[3] != h:
+    kv_shape = k.shape if layer is None else k.shape[1:]
+    if (kv_shape[0] != b or v.shape != k.shape or len(kv_shape) != 4 or n % kv_shape[2]
+            or kv_shape[3] != h):
         raise ValueError(f"dot_product_attention: q {q.shape}, k {k.shape}, v {v.shape}: "
-                         "expected q [B, T, N, H], k = v [B, S, K, H] with N % K == 0")
-    if key_valid.shape != (b, k.shape[1]):
+                         "expected q [B, T, N, H], k = v [B, S, K, H] (with `layer`: "
+                         "[L, B, S, K, H]) with N % K == 0")
+    if key_valid.shape != (b, kv_shape[1]):
         raise ValueError(f"dot_product_attention: key_valid {key_valid.shape}, expected "
-                         f"{(b, k.shape[1])}")
+                         f"{(b, kv_shape[1])}")
     query_slots = _slots_2d(query_slots, b, t)
     key_valid = key_valid.astype(bool)
     name = resolve_implementation(implementation, q, k, causal_offset)
+    if name == "blockwise":
+        return blockwise_attention(q, k, v, key_valid, query_slots, q_block, k_block, layer)
+    if layer is not None:
+        pick = lambda x: jax.lax.dynamic_index_in_dim(x, layer, 0, keepdims=False)
+        k, v = pick(k).astype(q.dtype), pick(v).astype(q.dtype)
     if name == "reference":
         return reference_attention(q, k, v, key_valid, query_slots)
-    if name == "blockwise":
-        return blockwise_attention(q, k, v, key_valid, query_slots, q_block, k_block)
     if name in ("xla", "cudnn"):
         return _jax_nn_attention(q, k, v, key_valid, query_slots, name)
     if causal_offset is None:

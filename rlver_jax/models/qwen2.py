@@ -105,15 +105,18 @@ _REMAT = {
 def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
                   cos: jax.Array, sin: jax.Array, key_valid: jax.Array,
                   query_slots: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
-                  write_index: jax.Array | None):
+                  write_index: jax.Array | None, layer: jax.Array | None = None):
     """One pre-norm decoder block.
 
     x: [B, T, D]. Without a cache (`kv` None) keys are this call's own T tokens. With a
-    cache, `kv` is this layer's (k, v) [B, S, K, H] and the new keys are written at slots
-    [write_index, write_index + T). key_valid [B, S] and query_slots [B, T] are the slot
-    mask (see models/attention.py). Returns (x, new (k, v) or None).
+    cache, `kv` is every layer's stacked (k, v) [L, B, S, K, H]; this layer's new keys are
+    written in place at [layer, :, write_index : write_index + T) and attention reads the
+    layer out of the stack (no per-layer slice, update and re-stack of the cache).
+    key_valid [B, S] and query_slots [B, T] are the slot mask (see models/attention.py).
+    Returns (x, the updated stacked (k, v) or None).
     """
     dtype = config.jnp_dtype
+    # No-ops when the weights are already in the compute dtype (the sampler's copy).
     w = {name: value.astype(dtype) for name, value in p.items()}
     h = rms_norm(x, p["input_norm"], config.rms_norm_eps)
     q = jnp.einsum("BTD,DNH->BTNH", h, w["q_kernel"]) + w["q_bias"]
@@ -123,20 +126,26 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
     k = apply_rotary(k, cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if kv is None:
-        keys, values, new_kv = k, v, None
+        keys, values, new_kv, layer = k, v, None, None
     else:
         k_cache, v_cache = kv
         zero = jnp.zeros((), jnp.int32)
-        keys = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype),
-                                            (zero, write_index, zero, zero))
-        values = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype),
-                                              (zero, write_index, zero, zero))
+        at = (layer, zero, write_index, zero, zero)
+        keys = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
+        values = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
+        # The barrier keeps XLA from fusing the update into the attention's block reads:
+        # fused, it reads the cache while the in-place update writes it, so XLA copies
+        # the whole stacked cache (twice per layer and step on XLA:CPU).
+        keys, values = jax.lax.optimization_barrier((keys, values))
         new_kv = (keys, values)
-        keys, values = keys.astype(dtype), values.astype(dtype)
     attn = dot_product_attention(q, keys, values, key_valid=key_valid,
                                  query_slots=query_slots, implementation=config.attention,
-                                 causal_offset=0 if kv is None else None)
-    x = x + jnp.einsum("BTNH,NHD->BTD", attn, w["o_kernel"])
+                                 causal_offset=0 if kv is None else None, layer=layer)
+    # As one [N * H, D] matmul: over the two contracted axes XLA:CPU transposes the
+    # weight (every layer, every decode step) instead of the small activation.
+    b, t, n, hd = attn.shape
+    x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, n * hd),
+                       w["o_kernel"].reshape(n * hd, -1))
     x = constrain(x, ("batch", "length", "embed"))
 
     h = rms_norm(x, p["post_norm"], config.rms_norm_eps)
@@ -195,12 +204,15 @@ class DecoderStack(nnx.Module):
             x, _ = jax.lax.scan(body, x, self.weights())
             return x, None
 
-        def body_cached(h, inputs):
-            p, k_l, v_l = inputs
-            h, (k_l, v_l) = layer(p, h, cos, sin, key_valid, query_slots, (k_l, v_l),
-                                 cache.index)
-            return h, (k_l, v_l)
-        x, (k, v) = jax.lax.scan(body_cached, x, (self.weights(), cache.k, cache.v))
+        # The stacked cache rides in the carry, so every layer updates it in place
+        # (as scan inputs / outputs it would be sliced and re-stacked every call).
+        def body_cached(carry, p):
+            h, k, v, layer_index = carry
+            h, (k, v) = layer(p, h, cos, sin, key_valid, query_slots, (k, v), cache.index,
+                              layer_index)
+            return (h, k, v, layer_index + 1), None
+        init = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))
+        (x, k, v, _), _ = jax.lax.scan(body_cached, init, self.weights())
         return x, (k, v)
 
 

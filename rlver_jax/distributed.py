@@ -72,11 +72,7 @@ def detect(env: Mapping[str, str] | None = None) -> tuple[str, dict[str, Any]] |
 
 def is_initialized() -> bool:
     """Whether `jax.distributed.initialize` has run in this process (by us or anyone)."""
-    probe = getattr(jax.distributed, "is_initialized", None)
-    if probe is not None:
-        return bool(probe())
-    from jax._src import distributed as _distributed  # older JAX: no public probe
-    return _distributed.global_state.client is not None
+    return bool(jax.distributed.is_initialized())
 
 
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,

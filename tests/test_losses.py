@@ -454,6 +454,23 @@ def test_chunked_head_never_builds_full_logits():
     assert f"[3,{B},5,{V}]" not in text  # nor stacked across chunks by the scan
 
 
+def test_chunked_head_takes_its_sharding_constraint_as_an_argument():
+    hidden, weight, targets, _, _ = _head_inputs()
+    seen = []
+
+    def constrain(x, logical_axes):
+        seen.append((x.shape, tuple(logical_axes)))
+        return x
+
+    got = logprobs.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=5,
+                                              constrain=constrain)
+    # Traced once inside the scan: each chunk's rows by batch, the head gathered over D.
+    assert seen == [((B, 5, D), ("batch", "length", None)), ((D, V), (None, "vocab"))]
+    ref = logprobs.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=5)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
+
+
 def ref_head(hidden, weight, targets, temperature):
     """float64 NumPy logp at targets and entropy, per token."""
     logits = np.einsum("BTD,DV->BTV", np.float64(hidden), np.float64(weight)) / temperature

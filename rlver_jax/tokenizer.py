@@ -405,12 +405,14 @@ TINY_PROFILE_FILES = ("en_train.jsonl", "en_eval.jsonl")
 def tiny_corpus_files(root: str | os.PathLike[str] | None = None) -> list[Path]:
     """Returns the shipped text the tiny vocab is trained on, in a fixed order.
 
-    The English profiles (`env/data/en_{train,eval}.jsonl`) and all prompt templates
-    (`env/prompts/*.txt`) under `root` (default: this package's source directory).
+    The English profiles (`env/data/en_{train,eval}.jsonl`) and the prompt templates
+    (`env/prompts/*.txt` but the knob tables) under `root` (default: this package's source directory).
     """
     base = Path(root) if root is not None else Path(__file__).parent
     files = [base / "env" / "data" / name for name in TINY_PROFILE_FILES]
-    files += sorted((base / "env" / "prompts").glob("*.txt"))
+    # The knob tables (knobs_*.txt) came after the vocab was trained: training on them would
+    # change every tiny token id.
+    files += sorted(f for f in (base / "env" / "prompts").glob("*.txt") if not f.name.startswith("knobs_"))
     return [f for f in files if f.is_file()]
 
 

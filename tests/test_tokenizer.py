@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import unicodedata
@@ -229,6 +230,10 @@ def test_from_hf_dir_wraps_qwen_dir(qwen, qwen_hf):
     assert hf.encode("<|im_end|>", allow_special=True) == [151_645]
 
 
+# What ships is checked in CI (test_qwen_matches_tiktoken_reference); that the tool rebuilds it
+# byte for byte is a maintainer's check.
+@pytest.mark.skipif(os.environ.get("RLVER_SLOW_TESTS") != "1",
+                    reason="~10-20 s on two cores; set RLVER_SLOW_TESTS=1")
 def test_qwen_asset_is_what_the_tool_builds():
     """tools/build_qwen25_asset.py (transformers' TikTokenConverter) rebuilds the bundled asset."""
     from tools.build_qwen25_asset import build_qwen25_tokenizer_json

@@ -32,6 +32,7 @@ from flax import nnx
 from rlver_jax import distributed
 from rlver_jax import sharding as sharding_lib
 from rlver_jax import storage
+from rlver_jax.config_files import simulator_overrides
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
 from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
@@ -58,8 +59,6 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite updates)."""
 
 
-# Simulator knobs whose "off" value is None; on the command line -1 means off.
-OPTIONAL_BOUNDS = ("delta_clamp", "end_below", "end_at_or_above", "emotion_floor")
 
 
 
@@ -147,15 +146,13 @@ def resolve_profiles(spec: str):
 
 def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = None,
                        **extra) -> sim.SimulatorSettings:
-    overrides = {}
-    for key, value in c.simulator.overrides.items():
-        if value is None:
-            continue  # not set: the preset decides
-        overrides[key] = None if (key in OPTIONAL_BOUNDS and value == -1) else value
-    overrides.update(extra)
+    try:
+        overrides = simulator_overrides(c.simulator.overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     try:
         return sim.settings_from_config({"preset": difficulty or c.simulator.difficulty,
-                                         **overrides})
+                                         **overrides, **extra})
     except ValueError as e:
         raise ConfigError(f"config.simulator: {e}") from e
 

@@ -84,13 +84,19 @@ def resolve_config_argv(argv: list[str], flag: str = "config") -> list[str]:
     return out
 
 
-def prepare_config_argv() -> None:
-    """What a CLI that takes `--config` does before defining the flag: make the shipped
-    configs importable, resolve a shipped name in `sys.argv`, and stop with one line when the
-    file does not exist."""
+def checked_config_argv(argv: list[str]) -> tuple[list[str], str | None]:
+    """What a CLI that takes `--config` does with its argv before defining the flag: make
+    the shipped configs importable and resolve a shipped name; returns the new argv and
+    the one-line error for a file that does not exist (None when it does)."""
     ensure_configs_importable()
-    sys.argv[:] = resolve_config_argv(sys.argv)
-    if (missing := missing_config_error(sys.argv)) is not None:
+    argv = resolve_config_argv(argv)
+    return argv, missing_config_error(argv)
+
+
+def prepare_config_argv() -> None:
+    """`checked_config_argv` on `sys.argv`, stopping with the error line (exit 2)."""
+    sys.argv[:], missing = checked_config_argv(sys.argv)
+    if missing is not None:
         print(missing, file=sys.stderr)
         sys.exit(2)
 

@@ -64,7 +64,7 @@ def hf_dir(tmp_path_factory):
 def rule_eval(hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     rc, stdout, stderr = run_cli(f"--hf_model={hf_dir}", "--profiles=en_eval",
-                                 "--max_dialogues=4", "--max_turn_tokens=8", f"--out={out}")
+                                 "--config.max_dialogues=4", "--config.rollout.max_turn_tokens=8", f"--out={out}")
     assert rc == 0, stderr
     report, dialogues = read_outputs(out)
     return out, report, dialogues, stdout
@@ -159,7 +159,7 @@ def test_evaluate_workdir_checkpoint(tmp_path):
                               "config": train_config})
     out = tmp_path / "out"
     rc, _, stderr = run_cli(f"--workdir={workdir}", "--step=1", "--profiles=en_eval",
-                            "--max_dialogues=2", "--batch_size=1", f"--out={out}")
+                            "--config.max_dialogues=2", "--config.batch_size=1", f"--out={out}")
     assert rc == 0, stderr
     report, dialogues = read_outputs(out)
     assert report["policy"] == {"kind": "workdir", "workdir": str(workdir), "step": 1,
@@ -216,11 +216,12 @@ def test_bad_inputs_give_one_line_errors(case, hf_dir, tmp_path):
 def test_llm_simulator_smoke(hf_dir, tmp_path):
     out = tmp_path / "out"
     rc, stdout, stderr = run_cli(
-        f"--hf_model={hf_dir}", "--profiles=en_eval", "--max_dialogues=2",
-        "--max_turn_tokens=4", "--simulator=llm", "--simulator_preset=tiny",
-        "--simulator_max_analyzer_tokens=6", "--simulator_max_actor_tokens=4",
-        "--simulator_max_prompt_tokens=512", "--simulator_override=max_turns=2",
-        "--simulator_override=parse_retries=0", f"--out={out}")
+        f"--hf_model={hf_dir}", "--profiles=en_eval", "--config.max_dialogues=2",
+        "--config.rollout.max_turn_tokens=4", "--config.simulator.kind=llm",
+        "--config.simulator.preset=tiny", "--config.simulator.max_analyzer_tokens=6",
+        "--config.simulator.max_actor_tokens=4", "--config.simulator.max_prompt_tokens=512",
+        "--config.simulator.overrides.max_turns=2",
+        "--config.simulator.overrides.parse_retries=0", f"--out={out}")
     assert rc == 0, stderr
     report, dialogues = read_outputs(out)
     sim = report["simulator"]

@@ -14,7 +14,8 @@ import pytest
 
 from configs import tiny
 from rlver_jax.metrics import REQUIRED_KEYS, read_metrics
-from rlver_jax.trainer import ConfigError, Trainer
+from rlver_jax.config_checks import ConfigError
+from rlver_jax.trainer import Trainer
 from tests.conftest import single_device_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
     ("rl.tis_cap", -1.0, "config.rl.tis_cap"),
 ])
 def test_bad_numerics_values_name_the_key(key, value, needle):
-    from rlver_jax.trainer import validate_config
+    from rlver_jax.config_checks import validate_config
     c = small_config(1)
     section, field = key.split(".")
     c[section][field] = value

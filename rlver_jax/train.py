@@ -60,7 +60,8 @@ def main(argv):
     from rlver_jax.env.profiles import ProfileError
     from rlver_jax.metrics import TrackerError
     from rlver_jax.models import CheckpointFormatError
-    from rlver_jax.trainer import ConfigError, Trainer, TrainingError
+    from rlver_jax.config_checks import ConfigError
+    from rlver_jax.trainer import Trainer, TrainingError
     try:
         trainer = Trainer(_CONFIG.value, _WORKDIR.value)
         history = trainer.run()

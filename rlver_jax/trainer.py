@@ -23,164 +23,29 @@ import dataclasses
 import json
 import os
 import time
+
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-from rlver_jax import distributed
+from rlver_jax import build, distributed
 from rlver_jax import sharding as sharding_lib
 from rlver_jax import storage
-from rlver_jax.config_files import simulator_overrides
-from rlver_jax.env import simulator as sim
-from rlver_jax.env.profiles import load_profiles, profiles_path
-from rlver_jax.env.rollout import (TRUNCATED_TURN_MODES, DialogueRollout, RolloutSettings,
-                                   RolloutSummary, collate, dialogue_record)
-from rlver_jax.env.users import LLMUser, RuleUser, SimulatorSampling, mix_seed
+from rlver_jax.checkpoint import abstract_like
+from rlver_jax.config_checks import validate_process_layout
+from rlver_jax.env.rollout import RolloutSummary, collate, dialogue_record
+from rlver_jax.env.users import mix_seed
 from rlver_jax.metrics import MetricWriter
-from rlver_jax.model_source import ModelSourceError, looks_like_hub_id, resolve_model_dir
-from rlver_jax.models import (Qwen2, Qwen2Config, compute_dtype_copy, create_model,
-                              critic_from_policy, get_preset, load_hf, load_hf_critic)
-from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS, DTYPES
-from rlver_jax.models.hf_io import stored_dtype
+from rlver_jax.models import Qwen2, Qwen2Config
 from rlver_jax.rl import advantages as adv_lib
 from rlver_jax.rl import losses
-from rlver_jax.rl.update import TrainBatch, TrainState, UpdateSettings, Updater, make_optimizer
-from rlver_jax.sampling import Sampler, next_power_of_two
-from rlver_jax.tokenizer import load_chat_tokenizer
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key."""
+from rlver_jax.rl.update import TrainBatch, TrainState
+from rlver_jax.sampling import next_power_of_two
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. repeated non-finite updates)."""
-
-
-
-
-
-def agg_constant(c: ml_collections.ConfigDict) -> float:
-    """C of the `*-norm` aggregation modes: `rl.agg_constant`, or when it is 0 the maximum
-    response length (rollout.max_turn_tokens in think mode, rollout.max_dialogue_tokens
-    without it: there one sample is the whole dialogue)."""
-    value = c.rl.get("agg_constant", 0)
-    if value:
-        return float(value)
-    return float(c.rollout.max_turn_tokens if c.rollout.think else c.rollout.max_dialogue_tokens)
-
-
-def _check(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ConfigError(f"config.{key}: {message}")
-
-
-def validate_config(c: ml_collections.ConfigDict) -> None:
-    """Value checks that ml_collections' type checks do not cover."""
-    _check(c.rl.algorithm in ("ppo", "grpo"), "rl.algorithm",
-           f"{c.rl.algorithm!r} is not one of ('ppo', 'grpo')")
-    _check(c.simulator.kind in ("llm", "rule"), "simulator.kind",
-           f"{c.simulator.kind!r} is not one of ('llm', 'rule')")
-    _check(c.simulator.difficulty in sim.DIFFICULTY_PRESETS, "simulator.difficulty",
-           f"{c.simulator.difficulty!r} is not one of {tuple(sorted(sim.DIFFICULTY_PRESETS))}")
-    _check(c.rollout.batch_dialogues % c.rollout.group_size == 0, "rollout.batch_dialogues",
-           f"{c.rollout.batch_dialogues} is not a multiple of rollout.group_size "
-           f"{c.rollout.group_size}")
-    _check(c.rl.algorithm != "grpo" or c.rollout.group_size >= 2, "rollout.group_size",
-           "GRPO needs at least 2 dialogues per profile")
-    _check(c.total_steps >= 1, "total_steps", "must be >= 1")
-    _check(c.rl.mini_batches >= 1 and c.rl.epochs >= 1, "rl.mini_batches",
-           "mini_batches and epochs must be >= 1")
-    _check(c.rl.agg_mode in losses.AGG_MODES, "rl.agg_mode",
-           f"{c.rl.agg_mode!r} is not one of {losses.AGG_MODES}")
-    _check(c.rl.dual_clip == 0 or c.rl.dual_clip > 1, "rl.dual_clip", "must be 0 (off) or > 1")
-    _check(c.rl.tis_cap >= 0, "rl.tis_cap", "must be 0 (off) or > 0")
-    for section in ("policy", "critic", "simulator"):
-        for field in ("dtype", "param_dtype"):
-            value = c[section].get(field)
-            _check(value is None or value in DTYPES, f"{section}.{field}",
-                   f"{value!r} is not one of {DTYPES}")
-    _check(c.rl.get("agg_constant", 0) >= 0, "rl.agg_constant",
-           "must be > 0, or 0 for the maximum response length")
-    _check(c.rollout.unclosed_think in ("pass", "zero_reward"), "rollout.unclosed_think",
-           f"{c.rollout.unclosed_think!r} is not one of ('pass', 'zero_reward')")
-    _check(c.rollout.get("truncated_turn", "pass") in TRUNCATED_TURN_MODES,
-           "rollout.truncated_turn",
-           f"{c.rollout.get('truncated_turn')!r} is not one of {TRUNCATED_TURN_MODES}")
-    for key in ("rules", "sampling_rules"):
-        _check(c.mesh[key] in sharding_lib.RULE_PRESETS, f"mesh.{key}",
-               f"{c.mesh[key]!r} is not one of {sorted(sharding_lib.RULE_PRESETS)}")
-    for key in ("policy.hf_dir", "critic.hf_dir", "reference.hf_dir", "simulator.hf_dir"):
-        section, field = key.split(".")
-        path = c[section][field]
-        if path and not os.path.isdir(os.path.expanduser(path)) and not looks_like_hub_id(path):
-            raise ConfigError(f"config.{key}: model directory not found: {path} (pass a local "
-                              "HF directory or a hub id such as Qwen/Qwen2.5-7B-Instruct)")
-    _check(c.log.get("wandb_mode", "online") in ("online", "offline"), "log.wandb_mode",
-           f"{c.log.get('wandb_mode')!r} is not one of ('online', 'offline')")
-
-
-def validate_process_layout(c: ml_collections.ConfigDict, processes: int,
-                            mesh_spans_processes: bool) -> None:
-    """Multi-host checks: the step's profiles split evenly over the processes, and the
-    mesh holds every process's devices (a process outside it would have nothing to do)."""
-    profiles_per_step = c.rollout.batch_dialogues // c.rollout.group_size
-    _check(profiles_per_step % processes == 0, "rollout.batch_dialogues",
-           f"{c.rollout.batch_dialogues} dialogues in groups of {c.rollout.group_size} are "
-           f"{profiles_per_step} profiles per step, which {processes} processes cannot "
-           "share equally")
-    _check(processes == 1 or mesh_spans_processes, "mesh.shape",
-           f"{tuple(c.mesh.shape)} uses the devices of one process only, but this job has "
-           f"{processes} processes: the mesh must span them all (e.g. -1 for the data axis)")
-
-
-def resolve_profiles(spec: str):
-    """A shipped set name or a jsonl path -> profiles."""
-    try:
-        return load_profiles(profiles_path(spec))
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from e
-
-
-def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = None,
-                       **extra) -> sim.SimulatorSettings:
-    try:
-        overrides = simulator_overrides(c.simulator.overrides)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    try:
-        return sim.settings_from_config({"preset": difficulty or c.simulator.difficulty,
-                                         **overrides, **extra})
-    except ValueError as e:
-        raise ConfigError(f"config.simulator: {e}") from e
-
-
-def _attention(section, name: str) -> str:
-    """The section's attention implementation (models/attention.py), checked."""
-    value = section.get("attention", "auto")
-    if value not in ATTENTION_IMPLEMENTATIONS:
-        raise ConfigError(f"config.{name}.attention={value!r}: expected one of "
-                          f"{ATTENTION_IMPLEMENTATIONS}")
-    return value
-
-
-def _model_config(section, tokenizer, seed_name: str) -> Qwen2Config:
-    cfg = get_preset(section.preset)
-    if cfg.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"config.{seed_name}.preset={section.preset!r} has a vocabulary of "
-                          f"{cfg.vocab_size}, smaller than the tokenizer's {tokenizer.vocab_size}")
-    return cfg.replace(param_dtype=_param_dtype(section), dtype=section.dtype,
-                       remat=section.get("remat", "none"),
-                       attention=_attention(section, seed_name),
-                       eos_token_id=tokenizer.im_end_id, bos_token_id=None)
-
-
-def _param_dtype(section) -> str:
-    """A section's storage dtype: `param_dtype` where the section has one (trained models),
-    else its compute dtype (models that are never trained)."""
-    return section.get("param_dtype") or section.dtype
 
 
 def _hf_meta(config: Qwen2Config, export_dtype: str) -> dict:
@@ -201,156 +66,37 @@ def master_dtype_note(meta: dict, key: str, config: Qwen2Config) -> str | None:
             f"continuing with {config.param_dtype} master weights (cast on restore)")
 
 
-def abstract_like(tree):
-    """ShapeDtypeStructs (with the arrays' shardings) of a tree: a restore target."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                        tree)
-
-
 class Trainer:
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-        validate_config(config)
+        parts = build.build(config)
         self.config = c = config
         self.workdir = os.fspath(workdir)
         self.is_main = jax.process_index() == 0
-        self.mesh = sharding_lib.make_mesh(tuple(c.mesh.shape))
-        self.rules = sharding_lib.get_rules(c.mesh.rules)
-        self.sampling_rules = sharding_lib.get_rules(c.mesh.sampling_rules)
-        self.tokenizer = load_chat_tokenizer(c.tokenizer)
-        self.profiles = resolve_profiles(c.data.train_profiles)
+        self.layout = parts.layout
+        self.mesh, self.rules = parts.layout.mesh, parts.layout.rules
+        self.sampling_rules = parts.layout.sampling_rules
+        self.tokenizer = parts.tokenizer
+        self.profiles = parts.profiles
         self.multiprocess = distributed.spans_processes(self.mesh)
         validate_process_layout(c, jax.process_count(), self.multiprocess)
         self.ppo = c.rl.algorithm == "ppo"
-        self.kl_on = bool(c.rl.kl_loss_coef or c.rl.kl_reward_coef)
         self._restore_notes: list[str] = []
         # Unset: on for PPO, off for GRPO (configs/base.py says where each default is from).
         self.whiten_advantages = (self.ppo if c.rl.whiten_advantages is None
                                   else bool(c.rl.whiten_advantages))
-
-        with jax.set_mesh(self.mesh), sharding_lib.logical_rules(self.rules):
-            self._build_models()
-            self._build_user()
-        self._build_updaters()
-        self.rollout_settings = RolloutSettings(
-            think=c.rollout.think, group_size=c.rollout.group_size,
-            max_turn_tokens=c.rollout.max_turn_tokens,
-            max_dialogue_tokens=c.rollout.max_dialogue_tokens,
-            temperature=c.rollout.temperature, top_p=c.rollout.top_p, top_k=c.rollout.top_k,
-            unclosed_think=c.rollout.unclosed_think,
-            truncated_turn=c.rollout.get("truncated_turn", "pass"))
-        self.policy_sampler = Sampler(self.policy_model, mesh=self.mesh)
+        self.policy_config, self.policy_model = parts.policy.config, parts.policy.model
+        self.policy_export_dtype = parts.policy.export_dtype
+        if parts.critic is not None:
+            self.critic_config, self.critic_model = parts.critic.config, parts.critic.model
+            self.critic_export_dtype = parts.critic.export_dtype
+        self.reference_params = parts.reference_params
+        self.sim_settings, self.user = parts.sim_settings, parts.user
+        self.policy_updater, self.policy_state = parts.policy_updater, parts.policy_state
+        self.critic_updater, self.critic_state = parts.critic_updater, parts.critic_state
+        self.rollout_settings = parts.rollout_settings
+        self.policy_sampler = parts.policy_sampler
+        self.rollout = parts.rollout
         self._prepare = jax.jit(self._prepare_impl)
-        self.rollout = DialogueRollout(self.tokenizer, self.user, self.sim_settings,
-                                       self.rollout_settings, self.policy_sampler)
-
-    # ---------------------------------------------------------------- components
-    def _model_dir(self, key: str) -> str:
-        """The local directory of config `key` (section.hf_dir): a hub id is resolved
-        through the Hugging Face cache."""
-        section, field = key.split(".")
-        try:
-            return resolve_model_dir(self.config[section][field], what=f"config.{key}")
-        except ModelSourceError as e:
-            raise ConfigError(str(e)) from e
-
-    def _build_models(self) -> None:
-        c, tok = self.config, self.tokenizer
-        # Trained models keep float32 masters (`param_dtype`) and compute in `dtype`; the
-        # export dtype is the one the weights came in.
-        if c.policy.hf_dir:
-            policy_dir = self._model_dir("policy.hf_dir")
-            self.policy_config, policy = load_hf(policy_dir, c.policy.dtype, self.mesh,
-                                                 self.rules, param_dtype=_param_dtype(c.policy),
-                                                 remat=c.policy.remat,
-                                                 attention=_attention(c.policy, "policy"))
-            self.policy_export_dtype = stored_dtype(policy_dir)
-        else:
-            self.policy_config = _model_config(c.policy, tok, "policy")
-            policy = create_model(self.policy_config, c.seed, mesh=self.mesh, rules=self.rules)
-            self.policy_export_dtype = get_preset(c.policy.preset).param_dtype
-        self.policy_model = policy
-        critic = None
-        if self.ppo:
-            if c.critic.hf_dir:
-                critic_dir = self._model_dir("critic.hf_dir")
-                self.critic_config, critic = load_hf_critic(
-                    critic_dir, c.critic.dtype, self.mesh, self.rules,
-                    param_dtype=_param_dtype(c.critic), remat=c.policy.remat,
-                    attention=_attention(c.critic, "critic"))
-                self.critic_export_dtype = stored_dtype(critic_dir)
-            else:
-                self.critic_config = self.policy_config.replace(
-                    dtype=c.critic.dtype, param_dtype=_param_dtype(c.critic))
-                critic = critic_from_policy(policy, self.critic_config)
-                self.critic_export_dtype = self.policy_export_dtype
-        self.critic_model = critic
-        self.reference_params = None
-        if self.kl_on:
-            # Never trained: held in the policy's compute dtype.
-            if c.reference.hf_dir:
-                _, ref = load_hf(self._model_dir("reference.hf_dir"), c.policy.dtype,
-                                 self.mesh, self.rules)
-                self.reference_params = nnx.state(ref, nnx.Param)
-            else:
-                self.reference_params = nnx.state(compute_dtype_copy(policy), nnx.Param)
-                if self.policy_config.param_dtype == self.policy_config.dtype:
-                    self.reference_params = jax.tree.map(jnp.copy, self.reference_params)
-
-    def _build_user(self) -> None:
-        c = self.config
-        self.sim_settings = simulator_settings(c)
-        if c.simulator.kind == "rule":
-            self.user = RuleUser(self.sim_settings)
-            return
-        sim_tok = (load_chat_tokenizer(c.simulator.tokenizer) if c.simulator.tokenizer
-                   else self.tokenizer)
-        # The simulator only samples: it is built directly in the sampling layout.
-        if c.simulator.hf_dir:
-            _, sim_model = load_hf(self._model_dir("simulator.hf_dir"), c.simulator.dtype,
-                                   self.mesh, self.sampling_rules,
-                                   attention=_attention(c.simulator, "simulator"))
-        else:
-            sim_config = _model_config(c.simulator, sim_tok, "simulator")
-            sim_model = create_model(sim_config, c.seed + 1, mesh=self.mesh,
-                                     rules=self.sampling_rules)
-        sampling = SimulatorSampling(
-            temperature=c.simulator.temperature, top_p=c.simulator.top_p,
-            max_analyzer_tokens=c.simulator.max_analyzer_tokens,
-            max_actor_tokens=c.simulator.max_actor_tokens,
-            max_prompt_tokens=c.simulator.max_prompt_tokens,
-            reuse_cache=c.simulator.reuse_cache)
-        self.user = LLMUser(self.sim_settings, sim_model, sim_tok,
-                            Sampler(sim_model, mesh=self.mesh), sampling)
-
-    def _update_settings(self) -> UpdateSettings:
-        rl = self.config.rl
-        return UpdateSettings(
-            clip_low=rl.clip_low, clip_high=rl.clip_high,
-            dual_clip=rl.dual_clip or None, value_clip=rl.value_clip or None,
-            entropy_coef=rl.entropy_coef, kl_loss_coef=rl.kl_loss_coef,
-            kl_loss_kind=rl.kl_loss_kind, agg_mode=rl.agg_mode,
-            constant_normaliser=agg_constant(self.config),
-            micro_batch_size=rl.micro_batch_size, logprob_chunk=rl.logprob_chunk,
-            temperature=self.config.rollout.temperature or 1.0)
-
-    def _build_updaters(self) -> None:
-        rl, c = self.config.rl, self.config
-        updates_per_step = rl.epochs * rl.mini_batches
-        total = c.total_steps * updates_per_step
-        settings = self._update_settings()
-        self.policy_updater = Updater(
-            self.policy_model, make_optimizer(rl.actor_lr, total, rl.actor_warmup_ratio,
-                                              rl.max_grad_norm, rl.weight_decay), settings)
-        self.policy_state = self.policy_updater.init_state(self.policy_model, self.mesh,
-                                                           self.rules)
-        self.critic_updater = self.critic_state = None
-        if self.ppo:
-            self.critic_updater = Updater(
-                self.critic_model, make_optimizer(rl.critic_lr, total, rl.critic_warmup_ratio,
-                                                  rl.max_grad_norm, rl.weight_decay),
-                settings, kind="critic")
-            self.critic_state = self.critic_updater.init_state(self.critic_model, self.mesh,
-                                                               self.rules)
 
     # ------------------------------------------------------------------- data
     def profiles_for_step(self, step: int) -> list:
@@ -370,14 +116,7 @@ class Trainer:
 
     # ----------------------------------------------------------------- a step
     def sampling_view(self) -> Qwen2:
-        """The current policy as sampling reads it: in the compute dtype (a bf16 copy of
-        float32 masters halves what decoding reads) and in the sampling layout (a
-        device-to-device reshard when the two layouts differ on this mesh). With masters
-        already in the compute dtype and one layout, the training arrays themselves."""
-        view = compute_dtype_copy(self.policy_updater.model(self.policy_state))
-        if self.sampling_rules == self.rules or self.mesh.size == 1:
-            return view
-        return sharding_lib.sampling_model(view, self.mesh, self.sampling_rules)
+        return build.sampling_view(self.policy_updater, self.policy_state, self.layout)
 
     def _pad_batch(self, arrays: dict) -> tuple[dict, int]:
         """Pads this process's [rows, T] training arrays with empty rows (and columns) to
@@ -713,13 +452,11 @@ class Trainer:
         `python -m rlver_jax.evaluate` runs it; metrics prefixed `eval/`."""
         from rlver_jax.evaluate import evaluate_policy
         c = self.config
-        profiles = resolve_profiles(c.eval.profiles)[:c.eval.max_dialogues]
+        profiles = build.resolve_profiles(c.eval.profiles)[:c.eval.max_dialogues]
         if self.multiprocess:
             profiles = distributed.host_shard(profiles)  # the report covers all of them
-        settings = simulator_settings(c, c.eval.difficulty, use_first_talk=True)
-        user = (RuleUser(settings) if c.simulator.kind == "rule"
-                else LLMUser(settings, self.user.model, self.user.tokenizer, self.user.sampler,
-                             self.user.sampling))
+        settings = build.simulator_settings(c, c.eval.difficulty, use_first_talk=True)
+        user = build.with_settings(self.user, settings)
         with sharding_lib.logical_rules(self.sampling_rules):
             report = evaluate_policy(
                 self.sampling_view(), self.tokenizer, user, profiles, settings,

@@ -8,7 +8,8 @@ import pytest
 from configs import base, rlver, tiny, tiny_llm
 from rlver_jax.env.simulator import SimulatorSettings
 from rlver_jax.models import PRESETS
-from rlver_jax.trainer import ConfigError, simulator_settings, validate_config
+from rlver_jax.build import simulator_settings
+from rlver_jax.config_checks import ConfigError, validate_config
 
 
 def test_base_has_the_reference_hyper_parameters():

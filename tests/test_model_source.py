@@ -97,7 +97,8 @@ def test_uncached_hub_id_offline_is_a_one_line_error(offline_cache, tmp_path):
         resolve_model_dir(f"{REPO}@v9")             # cached repo, uncached revision
 
     # The trainer accepts a hub id in its config and fails on it with the same line.
-    from rlver_jax.trainer import ConfigError, Trainer, validate_config
+    from rlver_jax.config_checks import ConfigError, validate_config
+    from rlver_jax.trainer import Trainer
     from tests.test_train import small_config
     c = small_config(1)
     c.policy.hf_dir = "nobody/missing"

@@ -14,7 +14,8 @@ import pytest
 
 from configs import tiny
 from rlver_jax.metrics import REQUIRED_KEYS, read_metrics
-from rlver_jax.trainer import ConfigError, Trainer
+from rlver_jax.config_checks import ConfigError
+from rlver_jax.trainer import Trainer
 from tests.conftest import single_device_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,7 +205,7 @@ def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
     ("rl.tis_cap", -1.0, "config.rl.tis_cap"),
 ])
 def test_bad_numerics_values_name_the_key(key, value, needle):
-    from rlver_jax.trainer import validate_config
+    from rlver_jax.config_checks import validate_config
     c = small_config(1)
     section, field = key.split(".")
     c[section][field] = value
@@ -248,15 +249,41 @@ def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(t
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [1]
 
 
-def test_tiny_policy_learns_against_the_rule_judge(tmp_path):
-    """The embedded default's promise: with a fixed seed the reward rises (TOY judge)."""
-    c = tiny.get_config()
-    c.total_steps = 30
-    c.mesh.shape = (1, 1, 1)
-    c.checkpoint.every = 1000
-    c.log.progress = False
-    c.log.plots = False
-    history = Trainer(c, str(tmp_path)).run()
-    rewards = [r["reward/mean"] for r in history]
+DEFAULT_RUN = ROOT / "tests" / "data" / "default_run_metrics.jsonl"
+# Keys that depend on wall time or on compilation caches, not on the computation.
+NONDETERMINISTIC_PREFIXES = TIMING_PREFIXES + ("compile/",)
+REPRODUCE_TOLERANCE = 1e-6  # abs and rel
+
+
+def assert_reproduces_default_run(records) -> None:
+    """Every deterministic key of every step as in tests/data/default_run_metrics.jsonl."""
+    expected = read_metrics(DEFAULT_RUN)
+    assert [r["step"] for r in records] == [r["step"] for r in expected]
+    for got, want in zip(records, expected):
+        got = {k: v for k, v in got.items() if not k.startswith(NONDETERMINISTIC_PREFIXES)}
+        assert sorted(got) == sorted(want), (want["step"], set(got) ^ set(want))
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=REPRODUCE_TOLERANCE,
+                                       atol=REPRODUCE_TOLERANCE, err_msg=f"step {want['step']}")
+
+
+def test_default_run_learns_and_reproduces_the_recorded_metrics(tmp_path):
+    """The embedded default's promise: with a fixed seed the reward rises (TOY judge). And
+    its numbers are pinned: `python -m rlver_jax.train` with no config flags reproduces
+    every deterministic key of every step of the run recorded before the trunk was
+    restructured, so a change that moves the computation fails here.
+
+    It runs as the recording did: the command, one device and XLA's default compiler
+    flags (the suite's cheaper LLVM passes move float32 results in the 7th digit)."""
+    env = {k: v for k, v in single_device_env().items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlver_jax.train", f"--workdir={tmp_path}",
+         "--config.log.progress=false", "--config.log.plots=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    rewards = [r["reward/mean"] for r in records]
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert last > first + 0.1, (first, last, rewards)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]  # every 10, keep 2
+    assert_reproduces_default_run(records)

@@ -43,9 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Empty: the simulator directory's tokenizer when it holds one, else the policy's.
     c.simulator.tokenizer = ""
     c.simulator.difficulty = "sage"     # sage | hard | strict
-    del c.simulator.attention           # HF models load with their own attention default
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = placeholder(tuple)   # None: one device; e.g. (1, -1, 1) loads sharded
     c.mesh.rules = "fsdp_tensor"        # rlver_jax.sharding.RULE_PRESETS
+    c.mesh.sampling_rules = "fsdp_tensor"  # the simulator's layout (as loaded for evaluation)
     return c

@@ -142,35 +142,51 @@ def _random_model_host(config, seed: int):
     return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(fill, state))
 
 
-def build_user(kind: str, settings: sim.SimulatorSettings, *, hf_dir: str | None,
-               preset: str | None, tokenizer, dtype: str | None, seed: int, sampling,
-               mesh=None, rules=None):
-    """A `RuleUser` (TOY) or an `LLMUser` from an HF directory or a random-weight preset."""
+def _with_simulator(c, **changes):
+    """A copy of config `c` with these `simulator` keys changed."""
+    out = c.copy_and_resolve_references()
+    for key, value in changes.items():
+        out.simulator[key] = value
+    return out
+
+
+def build_user(c, kind: str, settings: sim.SimulatorSettings, tokenizer, layout):
+    """(user, source): the TOY `RuleUser`, or an `LLMUser` of `config.simulator` (an HF
+    directory, loaded as `rlver_jax.build` loads it for training, or a random-weight preset)
+    that reads with `tokenizer`. `layout` is a `build.Layout` (its mesh None: one device)."""
+    from rlver_jax import build
     from rlver_jax.env.users import LLMUser, RuleUser
     if kind == "rule":
         return RuleUser(settings), {"kind": "rule"}
-    from rlver_jax.sampling import Sampler
-    if hf_dir:
-        _, model = _load_hf_model(hf_dir, dtype, mesh, rules, "simulator model")
-        source = {"kind": "llm", "hf_dir": hf_dir}
-    elif preset:
-        from rlver_jax.models import PRESETS, create_model, get_preset
-        if preset not in PRESETS:
-            raise EvaluateError(f"config.simulator.preset={preset!r}: not one of {sorted(PRESETS)}")
-        cfg = get_preset(preset)
-        if cfg.vocab_size < tokenizer.vocab_size:
-            raise EvaluateError(f"config.simulator.preset={preset!r} has a vocabulary of "
-                                f"{cfg.vocab_size}, smaller than the tokenizer's "
-                                f"{tokenizer.vocab_size}")
-        dtype = dtype or "float32"
-        cfg = cfg.replace(param_dtype=dtype, dtype=dtype, eos_token_id=tokenizer.im_end_id,
-                          bos_token_id=None)
-        model = (_random_model_host(cfg, seed + 1) if mesh is None
-                 else create_model(cfg, seed + 1, mesh=mesh, rules=rules))
-        source = {"kind": "llm", "preset": preset, "random_weights": True}
-    else:
+    s = c.simulator
+    if s.hf_dir:
+        from rlver_jax.models import CheckpointFormatError
+        path = model_dir(s.hf_dir, "config.simulator.hf_dir")
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise EvaluateError(f"simulator model directory {path} has no config.json")
+        # The policy's tokenizer object or the simulator's own, resolved by the caller.
+        resolved = _with_simulator(c, kind="llm", dtype=s.dtype or _hf_dtype(path),
+                                   tokenizer="")
+        try:
+            user = build.build_user(resolved, tokenizer, layout, settings)
+        except (build.ConfigError, CheckpointFormatError, FileNotFoundError, KeyError,
+                ValueError) as e:
+            raise EvaluateError(f"cannot load simulator model from {path}: {e}") from e
+        return user, {"kind": "llm", "hf_dir": s.hf_dir}
+    if not s.preset:
         raise EvaluateError("an LLM simulator needs config.simulator.hf_dir (or "
                             "config.simulator.preset for a random-weight smoke test)")
-    user = LLMUser(settings, model, tokenizer, Sampler(model, mesh=mesh), sampling)
-    return user, source
-
+    from rlver_jax.models import PRESETS, create_model
+    from rlver_jax.sampling import Sampler
+    if s.preset not in PRESETS:
+        raise EvaluateError(f"config.simulator.preset={s.preset!r}: not one of {sorted(PRESETS)}")
+    try:
+        config = build.model_config(_with_simulator(c, dtype=s.dtype or "float32").simulator,
+                                    tokenizer, "simulator")
+    except build.ConfigError as e:
+        raise EvaluateError(str(e)) from e
+    model = (_random_model_host(config, c.seed + 1) if layout.mesh is None
+             else create_model(config, c.seed + 1, mesh=layout.mesh, rules=layout.sampling_rules))
+    user = LLMUser(settings, model, tokenizer, Sampler(model, mesh=layout.mesh),
+                   build.simulator_sampling(c))
+    return user, {"kind": "llm", "preset": s.preset, "random_weights": True}

@@ -33,7 +33,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from rlver_jax import config_files, distributed
+from rlver_jax import build, config_files, distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED
 from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
@@ -202,25 +202,20 @@ def _define_flags(argv: Sequence[str]):
 def _sim_settings(c) -> sim.SimulatorSettings:
     # Evaluation opens with the profile's fixed first message unless a knob says otherwise
     # (profiles without one get a generated opening), so every policy faces the same turn.
+    first_talk = {} if c.simulator.overrides.use_first_talk is not None else {
+        "use_first_talk": True}
     try:
-        overrides = config_files.simulator_overrides(c.simulator.overrides)
-    except ValueError as e:
+        return build.simulator_settings(c, **first_talk)
+    except build.ConfigError as e:
         raise EvaluateError(str(e)) from e
-    try:
-        return sim.settings_from_config({"preset": c.simulator.difficulty,
-                                         "use_first_talk": True, **overrides})
-    except ValueError as e:
-        raise EvaluateError(f"config.simulator: {e}") from e
 
 
-def _mesh(c):
-    """(mesh, rules) of `config.mesh`, (None, None) for one device."""
+def _layout(c) -> build.Layout:
+    """`config.mesh`'s layout; without a shape, no mesh (one device)."""
     if c.mesh.shape is None:
-        return None, None
-    from rlver_jax import sharding as sharding_lib
+        return build.Layout(mesh=None, rules=None, sampling_rules=None)
     try:
-        return (sharding_lib.make_mesh([int(s) for s in c.mesh.shape]),
-                sharding_lib.get_rules(c.mesh.rules))
+        return build.build_layout(c)
     except (ValueError, KeyError, TypeError) as e:
         raise EvaluateError(f"config.mesh: {e}") from e
 
@@ -231,7 +226,6 @@ def run(fv, log: Callable[[str], None]) -> Report:
 
     from rlver_jax import sharding as sharding_lib
     from rlver_jax import storage
-    from rlver_jax.env.users import SimulatorSampling
     from rlver_jax.sampling import Sampler
 
     c = fv.config
@@ -257,15 +251,15 @@ def run(fv, log: Callable[[str], None]) -> Report:
         raise EvaluateError("config.simulator.kind='llm' needs config.simulator.hf_dir (or "
                             "config.simulator.preset for a random-weight smoke test)")
     settings = _sim_settings(c)
-    mesh, rules = _mesh(c)
+    layout = _layout(c)
     context = contextlib.ExitStack()
-    if mesh is not None:
-        context.enter_context(jax.set_mesh(mesh))
-        context.enter_context(sharding_lib.logical_rules(rules))
+    if layout.mesh is not None:
+        context.enter_context(jax.set_mesh(layout.mesh))
+        context.enter_context(sharding_lib.logical_rules(layout.rules))
     with context:
         t0 = time.perf_counter()
         policy = load_policy(fv.workdir, fv.step, fv.hf_model, c.tokenizer or None,
-                             c.policy.dtype or None, mesh, rules)
+                             c.policy.dtype or None, layout.mesh, layout.rules)
         rollout_cfg = policy.train_config.get("rollout", {}) if policy.train_config else {}
         r = c.rollout
         think = r.think if r.think is not None else bool(rollout_cfg.get("think", False))
@@ -289,21 +283,14 @@ def run(fv, log: Callable[[str], None]) -> Report:
                 sim_tok_spec = s.hf_dir
             sim_tok = (load_tokenizer(sim_tok_spec, "simulator") if sim_tok_spec
                        else policy.tokenizer)
-        sampling = SimulatorSampling(
-            temperature=s.temperature, top_p=s.top_p,
-            max_analyzer_tokens=s.max_analyzer_tokens, max_actor_tokens=s.max_actor_tokens,
-            max_prompt_tokens=s.max_prompt_tokens, reuse_cache=s.reuse_cache)
-        user, sim_source = build_user(kind, settings, hf_dir=s.hf_dir or None,
-                                      preset=s.preset or None, tokenizer=sim_tok,
-                                      dtype=s.dtype or None, seed=c.seed,
-                                      sampling=sampling, mesh=mesh, rules=rules)
+        user, sim_source = build_user(c, kind, settings, sim_tok, layout)
         load_s = time.perf_counter() - t0
         if kind == "rule":
             log("WARNING: " + TOY_WARNING)
         log(f"loaded policy ({policy.source['kind']}) and {kind} simulator in {load_s:.1f} s; "
             f"evaluating {len(profiles)} dialogues (think={think}, "
             f"difficulty={s.difficulty})")
-        sampler = Sampler(policy.model, mesh=mesh)
+        sampler = Sampler(policy.model, mesh=layout.mesh)
         report = evaluate_policy(policy.model, policy.tokenizer, user, profiles, settings,
                                  rollout_settings, sampler, c.seed, batch_size=c.batch_size,
                                  progress=None if fv.quiet else log)
@@ -311,7 +298,7 @@ def run(fv, log: Callable[[str], None]) -> Report:
     report.profiles = {"source": profiles_desc, "spec": fv.profiles, "n": len(profiles)}
     report.simulator.update(sim_source)
     if kind == "llm":
-        report.simulator["sampling"] = dataclasses.asdict(sampling)
+        report.simulator["sampling"] = dataclasses.asdict(user.sampling)
         report.simulator["tokenizer"] = sim_tok.spec
     report.settings.update(difficulty=s.difficulty,
                            simulator_overrides=config_files.simulator_overrides(s.overrides),

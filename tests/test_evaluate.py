@@ -241,3 +241,21 @@ def test_llm_simulator_smoke(hf_dir, tmp_path):
     assert report["settings"]["simulator"]["max_turns"] == 2
     assert report["n"] == 2 and all(d["turns"] <= 2 for d in dialogues)
     assert "TOY" not in stdout
+
+
+def test_llm_simulator_from_an_hf_directory(hf_dir, tmp_path):
+    """The simulator of `config.simulator.hf_dir` loads as training loads it (rlver_jax.build),
+    in the dtype it was saved in, reading with the directory's own tokenizer."""
+    out = tmp_path / "out"
+    rc, _, stderr = run_cli(
+        f"--hf_model={hf_dir}", "--profiles=en_eval", "--config.max_dialogues=1",
+        "--config.rollout.max_turn_tokens=4", f"--config.simulator.hf_dir={hf_dir}",
+        "--config.simulator.max_analyzer_tokens=4", "--config.simulator.max_actor_tokens=4",
+        "--config.simulator.max_prompt_tokens=256", "--config.simulator.overrides.max_turns=1",
+        "--config.simulator.overrides.parse_retries=0", f"--out={out}")
+    assert rc == 0, stderr
+    report, dialogues = read_outputs(out)
+    sim = report["simulator"]
+    assert sim["kind"] == "llm" and sim["hf_dir"] == str(hf_dir) and sim["toy"] is False
+    assert sim["tokenizer"] == str(hf_dir) and sim["sampling"]["max_prompt_tokens"] == 256
+    assert report["timing"]["simulator_tokens"] > 0 and len(dialogues) == 1

@@ -77,6 +77,7 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 
+from rlver_jax import build  # noqa: E402
 from rlver_jax import sharding as shd  # noqa: E402
 from rlver_jax.models import get_preset  # noqa: E402
 from rlver_jax.plan_memory import GiB, PlanSettings, plan  # noqa: E402
@@ -113,7 +114,7 @@ def settings_from_config(cfg, policy_prefill_tokens: int = DEFAULT_PREFILL_TOKEN
     return PlanSettings(
         policy_preset=str(get("policy.preset")),
         policy_dtype=str(get("policy.dtype")),
-        policy_param_dtype=get("policy.param_dtype") or None,
+        policy_param_dtype=build.param_dtype(get("policy")),
         policy_remat=get("policy.remat") or None,
         simulator_preset=(get("simulator.preset") or None) if llm_user else None,
         simulator_dtype=str(get("simulator.dtype")),
@@ -125,8 +126,8 @@ def settings_from_config(cfg, policy_prefill_tokens: int = DEFAULT_PREFILL_TOKEN
         simulator_reuse_cache=bool(get("simulator.reuse_cache")),
         critic=get("rl.algorithm") == "ppo",
         critic_dtype=get("critic.dtype") or None,
-        critic_param_dtype=get("critic.param_dtype") or None,
-        reference=bool(get("rl.kl_loss_coef") or get("rl.kl_reward_coef")),
+        critic_param_dtype=build.param_dtype(get("critic")),
+        reference=build.kl_on(cfg),
         mesh_shape=tuple(int(s) for s in get("mesh.shape")),
         rules=to_plain(get("mesh.rules")), sampling_rules=to_plain(get("mesh.sampling_rules")),
         batch=max(dialogues // max(int(get("rl.mini_batches")), 1), 1),
@@ -235,8 +236,8 @@ def main(argv):
     except (KeyError, ValueError, TypeError) as e:
         exit_with(one_line(e))
     memory = flags.FLAGS.device_memory_gib
-    result = plan(settings, _plan_devices(flags.FLAGS.devices),
-                  device_memory_bytes=int(memory * GiB) if memory else None)
+    layout = build.build_layout(flags.FLAGS.config, _plan_devices(flags.FLAGS.devices))
+    result = plan(settings, layout, device_memory_bytes=int(memory * GiB) if memory else None)
     print(json.dumps(result, sort_keys=True, default=str) if flags.FLAGS.json
           else format_table(result))
 

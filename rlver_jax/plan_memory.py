@@ -236,18 +236,17 @@ def _same_layout(config, mesh, rules_a, rules_b) -> bool:
     return specs(rules_a) == specs(rules_b)
 
 
-def plan(settings: PlanSettings, devices=None, device_memory_bytes: int | None = None
+def plan(settings: PlanSettings, layout, device_memory_bytes: int | None = None
          ) -> dict[str, Any]:
-    """Per-device memory of one training setup: a JSON-ready dict (bytes).
+    """Per-device memory of one training setup on `layout` (a `rlver_jax.build.Layout`:
+    the mesh and the training / sampling rule tables): a JSON-ready dict (bytes).
 
     Phases: `update` (policy step: resident models + the step's scratch) and `rollout`
     (resident models + the policy's sampling-layout copy + both KV caches + the larger
     sampler scratch). The simulator stays resident in its sampling layout.
     """
     s = settings
-    mesh = shd.make_mesh(s.mesh_shape, devices)
-    rules = shd.get_rules(s.rules)
-    sampling_rules = shd.get_rules(s.sampling_rules)
+    mesh, rules, sampling_rules = layout.mesh, layout.rules, layout.sampling_rules
     policy_cfg = _model_config(s.policy_preset, s.policy_dtype, s.policy_param_dtype,
                                s.policy_remat).replace(attention=s.policy_attention)
     prompt_len = max(min(s.seq_len - s.turn_tokens, s.policy_prefill_tokens), 1)

@@ -179,14 +179,15 @@ def build_user(c, kind: str, settings: sim.SimulatorSettings, tokenizer, layout)
     from rlver_jax.models import PRESETS, create_model
     from rlver_jax.sampling import Sampler
     if s.preset not in PRESETS:
-        raise EvaluateError(f"config.simulator.preset={s.preset!r}: not one of {sorted(PRESETS)}")
+        raise EvaluateError(f"config.simulator.preset={s.preset!r}: not one of "
+                            f"{sorted(PRESETS)}")
     try:
         config = build.model_config(_with_simulator(c, dtype=s.dtype or "float32").simulator,
                                     tokenizer, "simulator")
     except build.ConfigError as e:
         raise EvaluateError(str(e)) from e
-    model = (_random_model_host(config, c.seed + 1) if layout.mesh is None
-             else create_model(config, c.seed + 1, mesh=layout.mesh, rules=layout.sampling_rules))
+    model = (_random_model_host(config, c.seed + 1) if layout.mesh is None else
+             create_model(config, c.seed + 1, mesh=layout.mesh, rules=layout.sampling_rules))
     user = LLMUser(settings, model, tokenizer, Sampler(model, mesh=layout.mesh),
                    build.simulator_sampling(c))
     return user, {"kind": "llm", "preset": s.preset, "random_weights": True}

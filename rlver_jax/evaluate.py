@@ -8,10 +8,10 @@ Every knob is a key of the config (`configs/eval.py` by default), set as in trai
 `--config.max_dialogues=N`, `--config.batch_size=N`, `--config.simulator.difficulty=hard`,
 `--config.simulator.overrides.start_emotion=30`, `--config.mesh.shape='(1,-1,1)'`, ...
 
-The protocol (SAGE / Sentient, `simulator.difficulty=sage`, the default): every dialogue starts at
-emotion 40 with the profile's fixed `first_talk`, each judged change is clamped to +-10, and
-a dialogue ends after 10 policy replies, below 10 or at 100. score = mean final emotion,
-success = dialogues ending at 100, failure = dialogues ending below 10.
+The protocol (SAGE / Sentient, `simulator.difficulty=sage`, the default): every dialogue
+starts at emotion 40 with the profile's fixed `first_talk`, each judged change is clamped to
++-10, and a dialogue ends after 10 policy replies, below 10 or at 100. score = mean final
+emotion, success = dialogues ending at 100, failure = dialogues ending below 10.
 
 Writes into --out: `report.json` (the numbers), `dialogues.jsonl` (one audit record per
 dialogue: every turn, emotion before / after, the simulator's analysis), and PNG plots

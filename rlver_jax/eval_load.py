@@ -5,7 +5,6 @@ that names the path."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any
 
@@ -33,17 +32,6 @@ def resolve_profiles(spec: str, max_dialogues: int = 0) -> tuple[list, str]:
     return profiles, f"{name}: {len(profiles)} of {total}"
 
 
-def _hf_dtype(hf_dir: str) -> str:
-    """The dtype an HF directory was saved in (config.json), float32 when it does not say."""
-    try:
-        with open(os.path.join(hf_dir, "config.json"), encoding="utf-8") as f:
-            hf = json.load(f)
-    except (OSError, ValueError):
-        return "float32"
-    dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
-
-
 def model_dir(spec: str, what: str) -> str:
     """A local directory for `spec`: itself, or a hub id resolved through the HF cache."""
     from rlver_jax.model_source import ModelSourceError, resolve_model_dir
@@ -55,11 +43,12 @@ def model_dir(spec: str, what: str) -> str:
 
 def _load_hf_model(hf_dir: str, dtype: str, mesh, rules, what: str):
     from rlver_jax.models import CheckpointFormatError, load_hf
+    from rlver_jax.models.hf_io import stored_dtype
     hf_dir = model_dir(hf_dir, what)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise EvaluateError(f"{what} directory {hf_dir} has no config.json")
     try:
-        return load_hf(hf_dir, dtype or _hf_dtype(hf_dir), mesh, rules)
+        return load_hf(hf_dir, dtype or stored_dtype(hf_dir), mesh, rules)
     except (CheckpointFormatError, FileNotFoundError, KeyError, ValueError) as e:
         raise EvaluateError(f"cannot load {what} from {hf_dir}: {e}") from e
 
@@ -161,13 +150,14 @@ def build_user(c, kind: str, settings: sim.SimulatorSettings, tokenizer, layout)
     s = c.simulator
     if s.hf_dir:
         from rlver_jax.models import CheckpointFormatError
+        from rlver_jax.models.hf_io import stored_dtype
         path = model_dir(s.hf_dir, "config.simulator.hf_dir")
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise EvaluateError(f"simulator model directory {path} has no config.json")
-        # The policy's tokenizer object or the simulator's own, resolved by the caller.
-        resolved = _with_simulator(c, kind="llm", dtype=s.dtype or _hf_dtype(path),
-                                   tokenizer="")
         try:
+            # `tokenizer`: the policy's or the simulator's own, resolved by the caller.
+            resolved = _with_simulator(c, kind="llm", dtype=s.dtype or stored_dtype(path),
+                                       tokenizer="")
             user = build.build_user(resolved, tokenizer, layout, settings)
         except (build.ConfigError, CheckpointFormatError, FileNotFoundError, KeyError,
                 ValueError) as e:

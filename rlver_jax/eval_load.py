@@ -79,7 +79,7 @@ def load_policy(workdir: str | None, step: int | None, hf_model: str | None,
     if bool(workdir) == bool(hf_model):
         raise EvaluateError("pass exactly one of --workdir and --hf_model")
     if workdir:
-        from rlver_jax.workdir import WorkdirError, load_policy_from_workdir
+        from rlver_jax.workdir_models import WorkdirError, load_policy_from_workdir
         try:
             config, model, meta = load_policy_from_workdir(workdir, step, mesh=mesh, rules=rules)
         except WorkdirError as e:

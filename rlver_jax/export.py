@@ -3,7 +3,8 @@
     python -m rlver_jax.export --workdir DIR [--step N] --out DIR [--model policy|critic]
         [--dtype float32|bfloat16] [--overwrite] [--max_shard_size 5GB] [--tokenizer SPEC]
 
-The workdir is read through `rlver_jax.workdir` (what training writes is described there).
+The checkpoints are read through `rlver_jax.workdir_models`, which describes what training
+writes.
 
 Checkpoints hold the float32 master weights; `--dtype` casts them on the way out and
 defaults to the dtype the weights came in (`export_dtype`: bfloat16 for Qwen2.5; older
@@ -33,7 +34,7 @@ import jax
 from rlver_jax import storage
 from rlver_jax.models.hf_io import DEFAULT_MAX_SHARD_BYTES, save_hf
 from rlver_jax.sharding import make_mesh
-from rlver_jax.workdir import CHECKPOINT_SUBDIR, MODELS, WorkdirError, \
+from rlver_jax.workdir_models import CHECKPOINT_SUBDIR, MODELS, WorkdirError, \
     load_model_from_workdir
 
 log = logging.getLogger(__name__)

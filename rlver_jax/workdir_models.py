@@ -1,5 +1,5 @@
-"""A training workdir as the other commands read it (export, evaluate): its checkpoints and
-the models in them.
+"""The models in a training workdir's checkpoints, as the other commands (export, evaluate)
+read them.
 
 What training writes: checkpoints live in `WORKDIR/checkpoints` (a
 `rlver_jax.checkpoint.Checkpointer`); array items `policy_params` (the policy's

@@ -36,7 +36,8 @@ from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import HIDDEN_NEEDS, OTHER_NEED, PERSONALITIES, SHIPPED, \
     ProfileError, load_profiles, profiles_path
-from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
+from rlver_jax.env.rollout import (FAILURE_BELOW, SUCCESS_AT, DialogueRollout, RolloutSettings,
+                                   dialogue_record)
 from rlver_jax.env.users import mix_seed
 
 TOY_WARNING = ("TOY SIMULATOR: the 'rule' user is a lexicon judge with template replies, not "
@@ -55,8 +56,6 @@ PAPER_REFERENCE: dict[str, tuple[float, int | None, int | None]] = {
     "Gemini 2.5 Pro": (82.4, None, None),
 }
 
-SUCCESS_AT = 100   # final emotion that counts as a success
-FAILURE_BELOW = 10  # final emotion below which a dialogue counts as a failure
 
 
 class EvaluateError(ValueError):

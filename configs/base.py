@@ -89,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.truncated_turn = "pass"
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.algorithm = "ppo"              # ppo | grpo
+    c.rl.algorithm = "ppo"              # ppo | grpo | rloo (rl/advantages.py)
     c.rl.actor_lr = 1e-6
     c.rl.actor_warmup_ratio = 0.02
     c.rl.critic_lr = 5e-6

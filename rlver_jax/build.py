@@ -38,6 +38,7 @@ from rlver_jax.models import (Qwen2, Qwen2Config, compute_dtype_copy, create_mod
                               critic_from_policy, get_preset, load_hf, load_hf_critic)
 from rlver_jax.models.config import ATTENTION_IMPLEMENTATIONS
 from rlver_jax.models.hf_io import stored_dtype
+from rlver_jax.rl.advantages import CRITIC_ALGORITHMS
 from rlver_jax.rl.update import TrainState, UpdateSettings, Updater, make_optimizer
 from rlver_jax.sampling import Sampler
 from rlver_jax.tokenizer import load_chat_tokenizer
@@ -293,7 +294,8 @@ def build(c: ml_collections.ConfigDict, devices=None) -> Components:
     settings = simulator_settings(c)
     with jax.set_mesh(layout.mesh), sharding_lib.logical_rules(layout.rules):
         policy = build_policy(c, tokenizer, layout)
-        critic = build_critic(c, policy, layout) if c.rl.algorithm == "ppo" else None
+        critic = (build_critic(c, policy, layout) if c.rl.algorithm in CRITIC_ALGORITHMS
+                  else None)
         reference = build_reference(c, policy, layout)
         user = build_user(c, tokenizer, layout, settings)
     updaters = build_updaters(c, policy, critic, layout)

@@ -17,6 +17,7 @@ from rlver_jax.env.rollout import TRUNCATED_TURN_MODES
 from rlver_jax.model_source import looks_like_hub_id
 from rlver_jax.models.config import DTYPES
 from rlver_jax.rl import losses
+from rlver_jax.rl.advantages import ALGORITHMS, CRITIC_ALGORITHMS
 
 
 class ConfigError(ValueError):
@@ -40,8 +41,8 @@ def _check(condition: bool, key: str, message: str) -> None:
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Value checks that ml_collections' type checks do not cover."""
-    _check(c.rl.algorithm in ("ppo", "grpo"), "rl.algorithm",
-           f"{c.rl.algorithm!r} is not one of ('ppo', 'grpo')")
+    _check(c.rl.algorithm in ALGORITHMS, "rl.algorithm",
+           f"{c.rl.algorithm!r} is not one of {ALGORITHMS}")
     _check(c.simulator.kind in ("llm", "rule"), "simulator.kind",
            f"{c.simulator.kind!r} is not one of ('llm', 'rule')")
     _check(c.simulator.difficulty in sim.DIFFICULTY_PRESETS, "simulator.difficulty",
@@ -49,8 +50,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.rollout.batch_dialogues % c.rollout.group_size == 0, "rollout.batch_dialogues",
            f"{c.rollout.batch_dialogues} is not a multiple of rollout.group_size "
            f"{c.rollout.group_size}")
-    _check(c.rl.algorithm != "grpo" or c.rollout.group_size >= 2, "rollout.group_size",
-           "GRPO needs at least 2 dialogues per profile")
+    _check(c.rl.algorithm in CRITIC_ALGORITHMS or c.rollout.group_size >= 2,
+           "rollout.group_size",
+           f"{c.rl.algorithm.upper()} needs at least 2 dialogues per profile (a group baseline)")
     _check(c.total_steps >= 1, "total_steps", "must be >= 1")
     _check(c.rl.mini_batches >= 1 and c.rl.epochs >= 1, "rl.mini_batches",
            "mini_batches and epochs must be >= 1")

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import HIDDEN_NEEDS, OTHER_NEED, PERSONALITIES
+from rlver_jax.env.rollout import FAILURE_BELOW, SUCCESS_AT
 
 TOY_WARNING = ("TOY SIMULATOR: the 'rule' user is a lexicon judge with template replies, not "
                "an LLM; these numbers are NOT comparable to the paper's Sentient scores. Pass "
@@ -32,9 +33,6 @@ PAPER_REFERENCE: dict[str, tuple[float, int | None, int | None]] = {
     "GPT-4o": (79.9, None, None),
     "Gemini 2.5 Pro": (82.4, None, None),
 }
-
-SUCCESS_AT = 100   # final emotion that counts as a success
-FAILURE_BELOW = 10  # final emotion below which a dialogue counts as a failure
 
 
 class EvaluateError(ValueError):

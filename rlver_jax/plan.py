@@ -21,10 +21,11 @@ different fusion and layouts).
 Config keys read (configs/base.py's): policy.preset / .dtype / .param_dtype / .remat /
 .attention; simulator.kind / .preset / .dtype / .attention / .max_prompt_tokens /
 .max_analyzer_tokens / .max_actor_tokens / .reuse_cache; critic.dtype / .param_dtype;
-rl.algorithm (a critic for PPO), rl.kl_loss_coef / .kl_reward_coef (a reference model when
-either is set), rl.mini_batches, rl.micro_batch_size; mesh.shape / .rules /
-.sampling_rules; rollout.batch_dialogues (dialogues sampled together),
-rollout.max_dialogue_tokens (sequence length), rollout.max_turn_tokens.
+rl.algorithm (a critic for those in rl.advantages.CRITIC_ALGORITHMS: PPO),
+rl.kl_loss_coef / .kl_reward_coef (a reference model when either is set), rl.mini_batches,
+rl.micro_batch_size; mesh.shape / .rules / .sampling_rules; rollout.batch_dialogues
+(dialogues sampled together), rollout.max_dialogue_tokens (sequence length),
+rollout.max_turn_tokens.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ from rlver_jax import build  # noqa: E402
 from rlver_jax import sharding as shd  # noqa: E402
 from rlver_jax.models import get_preset  # noqa: E402
 from rlver_jax.plan_memory import GiB, PlanSettings, plan  # noqa: E402
+from rlver_jax.rl.advantages import CRITIC_ALGORITHMS  # noqa: E402
 
 DEFAULT_PREFILL_TOKENS = PlanSettings.policy_prefill_tokens
 
@@ -101,8 +103,8 @@ def settings_from_config(cfg, policy_prefill_tokens: int = DEFAULT_PREFILL_TOKEN
                          ) -> PlanSettings:
     """The planner's settings from a training config (configs/base.py's keys).
 
-    As the trainer decides: a critic for PPO, a reference model when a KL term is on, the
-    simulator model when `simulator.kind` is "llm"; one update step takes
+    As `rlver_jax.build` decides: a critic for PPO, a reference model when a KL term is on,
+    the simulator model when `simulator.kind` is "llm"; one update step takes
     `rollout.batch_dialogues / rl.mini_batches` sequences. `policy_prefill_tokens` (the
     longest policy prefill) is the planner's own knob: no config key bounds it.
     """
@@ -124,7 +126,7 @@ def settings_from_config(cfg, policy_prefill_tokens: int = DEFAULT_PREFILL_TOKEN
         simulator_new_tokens=max(int(get("simulator.max_analyzer_tokens")),
                                  int(get("simulator.max_actor_tokens"))) or turn,
         simulator_reuse_cache=bool(get("simulator.reuse_cache")),
-        critic=get("rl.algorithm") == "ppo",
+        critic=get("rl.algorithm") in CRITIC_ALGORITHMS,
         critic_dtype=get("critic.dtype") or None,
         critic_param_dtype=build.param_dtype(get("critic")),
         reference=build.kl_on(cfg),

@@ -114,7 +114,7 @@ def _one_line_error(rc, stderr: str, needles, what):
 def run_train_in_process(config, workdir) -> tuple[int, str]:
     """`python -m rlver_jax.train` with this config, in process: (exit code, stderr)."""
     from absl import flags
-    from rlver_jax import train
+    from rlver_jax import train_cli
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     flags.FLAGS["config"].value = config
@@ -124,7 +124,7 @@ def run_train_in_process(config, workdir) -> tuple[int, str]:
     rc = 0
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            train.main(["rlver_jax.train"])
+            train_cli.main(["rlver_jax.train"])
         except SystemExit as e:
             rc = e.code
     return rc, err.getvalue()

@@ -98,13 +98,13 @@ def test_uncached_hub_id_offline_is_a_one_line_error(offline_cache, tmp_path):
 
     # The trainer accepts a hub id in its config and fails on it with the same line.
     from rlver_jax.config_checks import ConfigError, validate_config
-    from rlver_jax.trainer import Trainer
+    from rlver_jax.train import train
     from tests.test_train import small_config
     c = small_config(1)
     c.policy.hf_dir = "nobody/missing"
     validate_config(c)
     with pytest.raises(ConfigError, match="^config.policy.hf_dir: hub model nobody/missing"):
-        Trainer(c, str(tmp_path / "w"))
+        train(c, str(tmp_path / "w"))
     c.policy.hf_dir = "/nonexistent/qwen"
     with pytest.raises(ConfigError, match="model directory not found: /nonexistent/qwen"):
         validate_config(c)

@@ -15,7 +15,7 @@ import pytest
 from configs import tiny
 from rlver_jax.metrics import REQUIRED_KEYS, read_metrics
 from rlver_jax.config_checks import ConfigError
-from rlver_jax.trainer import Trainer
+from rlver_jax.train import train
 from tests.conftest import single_device_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def assert_same_records(a, b):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-# Resume of the GRPO default (a fresh Trainer continues a run exactly like a straight run)
+# Resume of the GRPO default (a second run continues the first exactly like a straight run)
 # is tested through a gs:// workdir in tests/test_storage.py; PPO's resume below.
 
 
@@ -140,24 +140,6 @@ def test_ppo_cli_trains_resumes_after_a_kill_and_exports_policy_and_critic(tmp_p
         assert hf["architectures"] == (["Qwen2ForCausalLM"] if kind == "policy"
                                        else ["Qwen2ForTokenClassification"])
         assert (out / "model.safetensors").stat().st_size > 0
-
-
-def test_think_mode_grpo_row_advantages_count_each_dialogue_once():
-    """In think mode a dialogue gives one training row per policy turn; its group's
-    statistics must count the dialogue once, and every row gets the dialogue's value."""
-    from types import SimpleNamespace
-    c = small_config(1)
-    rewards = {"d0": 0.2, "d1": 0.6, "d2": 0.5, "d3": 0.5}        # groups (d0, d1), (d2, d3)
-    turns = {"d0": 3, "d1": 1, "d2": 2, "d3": 1}
-    result = SimpleNamespace(
-        dialogues=[SimpleNamespace(dialogue_id=d) for d in rewards],
-        samples=[SimpleNamespace(dialogue_id=d) for d in rewards for _ in range(turns[d])])
-    fake = SimpleNamespace(config=c, rollout=SimpleNamespace(
-        final_reward=lambda st: rewards[st.dialogue_id]))
-    got = Trainer._grpo_row_advantages(fake, result, rows=8)
-    # (0.2 - 0.4) / (unbiased std 0.2 * sqrt(2) + 1e-6) = -0.70711; equal rewards give 0.
-    a = 0.2 / (0.2 * np.sqrt(2) + 1e-6)
-    np.testing.assert_allclose(got, [-a, -a, -a, a, 0, 0, 0, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
@@ -219,30 +201,34 @@ def test_empty_profile_file_names_the_file(tmp_path):
     c = small_config(1)
     c.data.train_profiles = str(empty)
     with pytest.raises(ValueError, match="empty.jsonl"):
-        Trainer(c, str(tmp_path / "w"))
+        train(c, str(tmp_path / "w"))
     c.data.train_profiles = "no_such_set"
     with pytest.raises(ConfigError, match="no_such_set"):
-        Trainer(c, str(tmp_path / "w"))
+        train(c, str(tmp_path / "w"))
 
 
-def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
-    c = small_config(6)
-    trainer = Trainer(c, str(tmp_path))
-    prepare = trainer._prepare
+def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(
+        tmp_path, monkeypatch):
+    from rlver_jax import step as stages
+    from rlver_jax.train import TrainingError
+    make_advantages = stages.make_advantages
 
-    def poisoned(*args):
-        batch, metrics = prepare(*args)
-        # From the second step on every advantage is NaN: the loss is NaN, updates skip.
-        if trainer._steps_prepared >= 1:
-            batch = batch.replace(advantages=batch.advantages * float("nan"))
-        trainer._steps_prepared += 1
-        return batch, metrics
+    def poisoned_factory(*args, **kwargs):
+        advantages = make_advantages(*args, **kwargs)
+        calls = []
 
-    trainer._steps_prepared = 0
-    trainer._prepare = poisoned
-    from rlver_jax.trainer import TrainingError
+        def poisoned(arrays, scores):
+            batch, metrics = advantages(arrays, scores)
+            # From the second step on every advantage is NaN: the loss is NaN, updates skip.
+            if calls:
+                batch = batch.replace(advantages=batch.advantages * float("nan"))
+            calls.append(1)
+            return batch, metrics
+        return poisoned
+
+    monkeypatch.setattr(stages, "make_advantages", poisoned_factory)
     with pytest.raises(TrainingError, match=r"3 consecutive steps.*last good checkpoint \(step 1\)"):
-        trainer.run()
+        train(small_config(6), str(tmp_path))
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["update/skipped"] for r in records] == [0.0, 1.0, 1.0]
     # Skipped steps wrote no checkpoint: the last one holds the last good parameters.

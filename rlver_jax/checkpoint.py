@@ -158,7 +158,8 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def _resolve_step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, checked to have a checkpoint; None: the latest (after pending saves)."""
         self.wait()
         steps = self.all_steps()
         if not steps:
@@ -175,7 +176,7 @@ class Checkpointer:
 
     def items_at(self, step: int | None = None) -> list[str]:
         """Names of the array items saved at `step` (default: the latest)."""
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         step_dir = self._step_dir(step)
         return sorted(p.name for p in step_dir.iterdir()
                       if p.is_dir() and p.name != META_ITEM and not p.name.startswith("."))
@@ -235,7 +236,7 @@ class Checkpointer:
         names = list(targets) if items is None else list(items)
         if not names:
             raise ValueError("restore needs at least one item (pass targets)")
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         available = self.items_at(step)
         for name in names:
             if name not in available:
@@ -280,7 +281,7 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (default: the latest)."""
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             **{META_ITEM: ocp.args.JsonRestore()}))
         return dict(restored[META_ITEM] or {})

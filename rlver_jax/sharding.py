@@ -24,7 +24,7 @@ same reason parameters carry our `logical_axes` metadata rather than flax's `out
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -188,12 +188,6 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
                          devices=devices)
 
 
-def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh of a config's `mesh` block (`shape` = (data, fsdp, tensor), one may be -1)."""
-    shape = getattr(mesh_config, "shape", mesh_config)
-    return make_mesh(tuple(int(s) for s in shape), devices)
-
-
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
@@ -296,11 +290,3 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, object] | None = N
     shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), shape, dict(mesh.shape), rules)
     return NamedSharding(mesh, spec)
-
-
-def describe(tree) -> Iterable[tuple[str, tuple[int, ...], str]]:
-    """(path, shape, spec) rows of a tree of arrays, for logs and the memory planner."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        sharding = getattr(leaf, "sharding", None)
-        spec = getattr(sharding, "spec", None)
-        yield jax.tree_util.keystr(path), tuple(np.shape(leaf)), str(spec)

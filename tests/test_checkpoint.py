@@ -101,7 +101,7 @@ def test_round_trip_params_and_adamw_state(tmp_path, param_dtype):
 def test_bf16_masters_of_an_old_checkpoint_restore_as_float32_with_a_note(tmp_path):
     """Checkpoints written before float32 masters hold bf16 params and moments: a float32
     run restores them cast up (exactly: bf16 -> f32 is lossless) and says so in one line."""
-    from rlver_jax.trainer import master_dtype_note
+    from rlver_jax.workdir import master_dtype_note
     params, opt = trained_state("bfloat16")
     old_meta = {"policy_model": {"param_dtype": "bfloat16", "dtype": "bfloat16"}}
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=1, async_save=False)

@@ -258,12 +258,6 @@ class Updater:
         self._step_fn = policy_step if kind == "policy" else critic_step
         self._state_shardings = state_shardings
         self._step = None  # compiled on first use, with the state's shardings pinned
-        self._logprobs = jax.jit(
-            lambda params, tokens, mask: forward_logprobs(
-                self.graphdef, params, tokens, mask, settings.logprob_chunk,
-                settings.temperature))
-        self._values = jax.jit(
-            lambda params, tokens, mask: forward_values(self.graphdef, params, tokens, mask))
 
     def init_state(self, model: nnx.Module, mesh=None, rules=None) -> TrainState:
         """A fresh TrainState; on a mesh every leaf (Adam moments included) is laid out by
@@ -290,9 +284,6 @@ class Updater:
                 donate_argnums=(0,), out_shardings=(shardings, None))
         return self._step(state, batch)
 
-    def logprobs(self, params, tokens, mask):
-        return self._logprobs(params, tokens, mask)
-
     def forward_logprobs(self, params, tokens, mask):
         """Un-jitted: for use inside a caller's jitted function."""
         return forward_logprobs(self.graphdef, params, tokens, mask,
@@ -301,9 +292,6 @@ class Updater:
     def forward_values(self, params, tokens, mask):
         """Un-jitted: for use inside a caller's jitted function."""
         return forward_values(self.graphdef, params, tokens, mask)
-
-    def values(self, params, tokens, mask):
-        return self._values(params, tokens, mask)
 
     def model(self, state: TrainState) -> nnx.Module:
         """A module view of the current parameters (shares the arrays)."""

@@ -129,10 +129,6 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
         at = (layer, zero, write_index, zero, zero)
         keys = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
         values = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
-        # The barrier keeps XLA from fusing the update into the attention's block reads:
-        # fused, it reads the cache while the in-place update writes it, so XLA copies
-        # the whole stacked cache (twice per layer and step on XLA:CPU).
-        keys, values = jax.lax.optimization_barrier((keys, values))
         new_kv = (keys, values)
     attn = dot_product_attention(q, keys, values, key_valid=key_valid,
                                  query_slots=query_slots, implementation=config.attention,

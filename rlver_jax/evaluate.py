@@ -36,8 +36,7 @@ from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import HIDDEN_NEEDS, OTHER_NEED, PERSONALITIES, SHIPPED, \
     ProfileError, load_profiles, profiles_path
-from rlver_jax.env.rollout import (FAILURE_BELOW, SUCCESS_AT, DialogueRollout, RolloutSettings,
-                                   dialogue_record)
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
 from rlver_jax.env.users import mix_seed
 
 TOY_WARNING = ("TOY SIMULATOR: the 'rule' user is a lexicon judge with template replies, not "
@@ -128,8 +127,8 @@ def _breakdown(records: Sequence[Mapping[str, Any]], key: str, order: Sequence[s
     names = [c for c in order if c in groups] + sorted(c for c in groups if c not in order)
     return {c: {"n": len(groups[c]),
                 "mean_emotion": sum(groups[c]) / len(groups[c]),
-                "success": sum(e >= SUCCESS_AT for e in groups[c]),
-                "failure": sum(e < FAILURE_BELOW for e in groups[c])}
+                "success": sum(e >= sim.SUCCESS_EMOTION for e in groups[c]),
+                "failure": sum(e < sim.FAILURE_EMOTION for e in groups[c])}
             for c in names}
 
 
@@ -180,8 +179,8 @@ def build_report(records: list[dict[str, Any]], *, think: bool, stats: Mapping[s
         score=mean,
         score_std=math.sqrt(sum((f - mean) ** 2 for f in finals) / n),
         reward_mean=sum(sim.reward(f) for f in finals) / n,
-        success=sum(f >= SUCCESS_AT for f in finals),
-        failure=sum(f < FAILURE_BELOW for f in finals),
+        success=sum(f >= sim.SUCCESS_EMOTION for f in finals),
+        failure=sum(f < sim.FAILURE_EMOTION for f in finals),
         n=n,
         by_need=_breakdown(records, "need", (*HIDDEN_NEEDS, OTHER_NEED)),
         by_personality=_breakdown(records, "personality", PERSONALITIES),

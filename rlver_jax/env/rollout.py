@@ -47,13 +47,7 @@ from rlver_jax import distributed, storage
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import hidden_need_category, personality
 from rlver_jax.env.users import mix_seed
-
-THINK_OPEN = "<think>"
-
-# The Sentient benchmark's outcome of a dialogue, by its final emotion (training metrics
-# and the evaluation report count the same way).
-SUCCESS_AT = 100    # a success at or above
-FAILURE_BELOW = 10  # a failure below
+from rlver_jax.tokenizer import THINK_OPEN
 
 
 TRUNCATED_TURN_MODES = ("pass", "zero_reward", "mask")
@@ -162,8 +156,8 @@ class RolloutSummary:
             "reward/mean": _mean(rewards),
             "reward/std": float(rewards.std()) if len(rewards) else 0.0,
             "emotion/final_mean": _mean(final),
-            "emotion/success_frac": _mean(final >= SUCCESS_AT),
-            "emotion/failure_frac": _mean(final < FAILURE_BELOW),
+            "emotion/success_frac": _mean(final >= sim.SUCCESS_EMOTION),
+            "emotion/failure_frac": _mean(final < sim.FAILURE_EMOTION),
             "turns/mean": _mean(self.turns),
             "tokens/policy": float(self.policy_tokens),
             "tokens/per_reply": float(self.policy_tokens / replies),

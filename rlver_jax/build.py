@@ -28,6 +28,7 @@ from flax import nnx
 
 from rlver_jax import sharding as sharding_lib
 from rlver_jax.config_checks import ConfigError, agg_constant, validate_config
+from rlver_jax.config_files import simulator_overrides
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import load_profiles, profiles_path
 from rlver_jax.env.rollout import DialogueRollout, RolloutSettings
@@ -41,10 +42,6 @@ from rlver_jax.rl.advantages import CRITIC_ALGORITHMS
 from rlver_jax.rl.update import TrainState, UpdateSettings, Updater, make_optimizer
 from rlver_jax.sampling import Sampler
 from rlver_jax.tokenizer import load_chat_tokenizer
-
-# Simulator knobs whose "off" value is None; on the command line -1 means off.
-OPTIONAL_BOUNDS = ("delta_clamp", "end_below", "end_at_or_above", "emotion_floor")
-
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
@@ -192,15 +189,13 @@ def build_reference(c: ml_collections.ConfigDict, policy: BuiltModel, layout: La
 
 def simulator_settings(c: ml_collections.ConfigDict, difficulty: str | None = None,
                        **extra) -> sim.SimulatorSettings:
-    overrides = {}
-    for key, value in c.simulator.overrides.items():
-        if value is None:
-            continue  # not set: the preset decides
-        overrides[key] = None if (key in OPTIONAL_BOUNDS and value == -1) else value
-    overrides.update(extra)
+    try:
+        overrides = simulator_overrides(c.simulator.overrides)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     try:
         return sim.settings_from_config({"preset": difficulty or c.simulator.difficulty,
-                                         **overrides})
+                                         **overrides, **extra})
     except ValueError as e:
         raise ConfigError(f"config.simulator: {e}") from e
 

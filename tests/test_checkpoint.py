@@ -165,6 +165,7 @@ def test_save_every_keep_last_k_and_force(tmp_path):
         assert ckpt.save(step, {"p": params}, {"step": step}) == (step % 2 == 0)
     ckpt.wait()
     assert ckpt.all_steps() == [6, 8]
+    assert not ckpt.save(4, {"p": params}, {"step": 4})  # behind the latest: never resaved
     assert ckpt.save(9, {"p": params}, {"step": 9}, force=True)     # pre-emption save
     assert not ckpt.save(9, {"p": params}, {"step": 9}, force=True)  # already there
     ckpt.close()

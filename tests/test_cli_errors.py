@@ -186,10 +186,10 @@ def test_every_bad_input_ends_in_one_line_error(tmp_path):
                        ("simulator.difficulty", "nightmare")):
         rc, err = run_train_in_process(_train_config(**{key: value}), tmp_path / "w-choice")
         _one_line_error(rc, err, [f"config.{key}", value], f"train, config {key}={value}")
-    for override, needle in (("nope=1", "nope"), ("start_emotion=\"high\"", "start_emotion"),
-                             ("reserve=\"grumpy\"", "reserve")):
+    for override, needle in (("nope=1", "overrides.nope"), ("start_emotion=high", "start_emotion"),
+                             ("reserve=grumpy", "reserve"), ("delta_clamp=-1", "'off'")):
         rc, err = run_main(evaluate.main, "evaluate", "--quiet", f"--hf_model={tmp_path / 'good'}",
-                           "--profiles=en_eval", f"--simulator_override={override}",
+                           "--profiles=en_eval", f"--config.simulator.overrides.{override}",
                            f"--out={tmp_path / 'o'}")
         _one_line_error(rc, err, [needle], f"evaluate, override {override}")
     seen += ["config/bad_choice", "config/unknown_key(evaluate)", "config/wrong_type(evaluate)"]

@@ -109,10 +109,10 @@ def test_uncached_hub_id_offline_is_a_one_line_error(offline_cache, tmp_path):
     with pytest.raises(ConfigError, match="model directory not found: /nonexistent/qwen"):
         validate_config(c)
 
-    # evaluate: --hf_model and --simulator_hf_dir
+    # evaluate: --hf_model and config.simulator.hf_dir
     from tests.test_evaluate import run_cli
     for flag in ("--hf_model=nobody/missing", f"--hf_model={REPO}"):
-        extra = [] if "missing" in flag else ["--simulator_hf_dir=nobody/missing"]
+        extra = [] if "missing" in flag else ["--config.simulator.hf_dir=nobody/missing"]
         rc, _, err = run_cli(flag, *extra, "--profiles=en_eval", f"--out={tmp_path / 'e'}")
         assert rc == 1
         [line] = err.strip().splitlines()

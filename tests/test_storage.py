@@ -170,8 +170,9 @@ def test_train_resume_export_evaluate_round_trip_through_gs(gcs, tmp_path):
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         rc = evaluate.main(["rlver_jax.evaluate", "--quiet", f"--workdir={run}",
-                            "--profiles=en_eval", "--max_dialogues=2", "--max_turn_tokens=8",
-                            "--max_dialogue_tokens=1024", f"--out={eval_out}"])
+                            "--profiles=en_eval", "--config.max_dialogues=2",
+                            "--config.rollout.max_turn_tokens=8",
+                            "--config.rollout.max_dialogue_tokens=1024", f"--out={eval_out}"])
     assert rc == 0, err.getvalue()
     report_dir = storage.path(eval_out)
     report = json.loads((report_dir / "report.json").read_text())

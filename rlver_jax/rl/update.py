@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlver_jax.rl import logprobs as logprobs_lib
 from rlver_jax.rl import losses
+from rlver_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -113,9 +115,9 @@ def shift_logprobs(model: nnx.Module, tokens: Array, attention_mask: Array, chun
                    temperature: float) -> tuple[Array, Array]:
     """Per-target log-probs and entropies [B, T] (column 0, which has no context, is 0)."""
     hidden, _ = model.hidden_states(tokens, attention_mask)
-    logp, entropy = losses.token_logprobs_and_entropy(
+    logp, entropy = logprobs_lib.token_logprobs_and_entropy(
         hidden[:, :-1], model.head_weight(), tokens[:, 1:], chunk_size=chunk,
-        compute_dtype=model.config.jnp_dtype, temperature=temperature)
+        compute_dtype=model.config.jnp_dtype, temperature=temperature, constrain=constrain)
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
     return pad(logp), pad(entropy)
 

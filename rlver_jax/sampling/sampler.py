@@ -10,10 +10,13 @@ Continuation: `generate(..., previous=state)` appends only the new suffix of eac
 to the cache that the previous call left. A prompt that extends its row's cached tokens
 (multi-turn dialogues grow by one turn at a time) keeps them all; a prompt that departs
 from them part-way (think mode: the next prompt drops the old thought) rolls the row back
-to the common prefix — the slots after it are marked invalid, leaving holes the attention
-mask skips — when that prefix is at least half of the new prompt. A cache that holes and
-unused decode slots have made more than twice as large as a fresh prefill would need is
-dropped for a fresh prefill, which bounds its memory.
+to the common prefix, when that prefix is at least half of the new prompt. Each
+continuation first compacts the cache: every row's kept tokens are gathered, in order,
+into the slots right before one common write index, so the slots that earlier calls left
+dead (left padding, decode steps after a row stopped, rolled-back text) are reclaimed
+and never attended over again. The compacted cache is sized to this call
+(`capacity_bucket` of kept + prompt block + new tokens), so its size follows what the
+dialogue holds, not how many turns it took to get there.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -42,6 +45,20 @@ NO_TOKEN = -1
 def next_power_of_two(n: int, minimum: int = 1) -> int:
     n = max(int(n), minimum, 1)
     return 1 << (n - 1).bit_length()
+
+
+# Cache capacities of continued calls: this many sizes per octave (power-of-two interval),
+# so a continued cache wastes at most 1 / (this) of its slots while a long run still
+# compiles a bounded set of programs (a few per octave of dialogue length).
+CAPACITY_BUCKETS_PER_OCTAVE = 4
+
+
+def capacity_bucket(n: int, per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE) -> int:
+    """The smallest capacity >= n of the form m * 2^e / per_octave (m in per_octave+1 ..
+    2 * per_octave): n rounded up to a multiple of 1 / per_octave of its octave's start."""
+    top = next_power_of_two(n)
+    step = max(top // (2 * per_octave), 1)
+    return -(-max(int(n), 1) // step) * step
 
 
 @dataclasses.dataclass
@@ -138,22 +155,28 @@ class Sampler:
     """Keeps compiled prefill / decode programs for one model architecture (and mesh)."""
 
     def __init__(self, model: nnx.Module, *, min_prompt_bucket: int = 16,
-                 max_stop_tokens: int = 8, mesh=None, cache_dtype=None):
+                 max_stop_tokens: int = 8, mesh=None, cache_dtype=None,
+                 capacity_buckets_per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE):
         self.graphdef = nnx.graphdef(model)
         self.config = model.config
         self.min_prompt_bucket = min_prompt_bucket
         self.max_stop_tokens = max_stop_tokens
         self.mesh = mesh
         self.cache_dtype = cache_dtype
+        self.capacity_buckets_per_octave = capacity_buckets_per_octave
         self.compilations: collections.Counter = collections.Counter()
+        # Rows whose continuation dropped cached tokens (a prompt departing part-way).
+        self.rolled_back_rows = 0
         self.multiprocess = distributed.spans_processes(mesh)
         self._cache_inits: dict = {}
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
                                static_argnames=("max_new_bucket",))
-        # Not donated: the grown cache has a different shape, so XLA could not reuse it.
-        self._grow = jax.jit(self._grow_impl, static_argnames=("capacity",))
-        self._rollback = jax.jit(self._rollback_impl, donate_argnums=(0,))
+        # Donated only at an unchanged capacity: a resized cache has another shape, so XLA
+        # could not reuse the buffers (and would warn).
+        self._compact_same = jax.jit(self._compact_impl, donate_argnums=(0,),
+                                     static_argnames=("capacity",))
+        self._compact_resize = jax.jit(self._compact_impl, static_argnames=("capacity",))
         self._fork = jax.jit(self._fork_impl)
 
     # -------------------------------------------------------------- jitted programs
@@ -164,22 +187,15 @@ class Sampler:
         logits, cache = model(tokens, mask, cache=cache)
         return logits[:, -1], cache
 
-    def _grow_impl(self, cache, capacity):
-        self.compilations["grow", cache.k.shape, capacity] += 1
-        pad = capacity - cache.capacity
-        pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-        return KVCache(k=pad_kv(cache.k), v=pad_kv(cache.v),
-                       valid=jnp.pad(cache.valid, ((0, 0), (0, pad))),
-                       index=cache.index, next_position=cache.next_position)
-
-    def _rollback_impl(self, cache, rows, keep, positions):
-        """Rows [B] marked in `rows` keep only the slots marked in `keep` [B, S] and resume at
-        rotary position `positions` [B] (their number of kept tokens)."""
-        self.compilations["rollback", cache.valid.shape] += 1
-        return KVCache(k=cache.k, v=cache.v,
-                       valid=jnp.where(rows[:, None], cache.valid & keep, cache.valid),
-                       index=cache.index,
-                       next_position=jnp.where(rows, positions, cache.next_position))
+    def _compact_impl(self, cache, sources, valid, index, positions, *, capacity):
+        """A cache of `capacity` slots whose slot j of row b is slot sources[b, j] of
+        `cache` (sources, valid [B, capacity]); writing resumes at slot `index`, row b at
+        rotary position positions[b]. Keys keep their rotary phase, and the gather keeps
+        slot order, so attention sees the same keys in the same causal order."""
+        self.compilations["compact", cache.k.shape, capacity] += 1
+        take = jax.vmap(lambda x, rows: x[:, rows], in_axes=(1, 0), out_axes=1)
+        return KVCache(k=take(cache.k, sources), v=take(cache.v, sources), valid=valid,
+                       index=index, next_position=positions)
 
     def _fork_impl(self, cache, sources):
         """Row i of the result is row sources[i] of `cache` (a gather over the batch)."""
@@ -303,6 +319,8 @@ class Sampler:
 
         # A continuation needs every active row (of every process) to have cached tokens
         # and to keep all of them (an extension) or at least half of its new prompt.
+        # Compaction (below) reclaims every dead slot, so a continued cache never needs
+        # more room than its kept tokens, the prompt block and the new tokens.
         keep: list[int] = [0] * n
         local_reuse = (previous is not None and len(previous.cached_tokens) >= n
                        and all(c is not None for p, c in zip(prompts, previous.cached_tokens)
@@ -317,39 +335,38 @@ class Sampler:
             agree_max(max((len(r) for r in rows), default=0)), self.min_prompt_bucket)
         whole = [[] if p is None else list(p) for p in prompts]
         if reuse:
+            batch = previous.cache.batch_size // processes  # this process's rows
             suffixes = [[] if p is None else list(p[k:]) for p, k in zip(prompts, keep)]
             width = width_of(suffixes)
-            # Holes and unused decode slots accumulate over continuations: past twice the
-            # capacity a fresh prefill of these prompts needs, start over (compacting).
-            fresh_capacity = next_power_of_two(width_of(whole) + max_new_bucket)
-            reuse = (next_power_of_two(int(previous.cache.index) + width + max_new_bucket)
-                     <= 2 * fresh_capacity)
-        if reuse:
-            batch = previous.cache.batch_size // processes  # this process's rows
-            cache = self._roll_back(previous.cache, batch, prompts, previous, keep)
+            # Rows that sit out keep everything they hold; rows past this call's prompts
+            # (an earlier call's padding or extra rows) are dropped.
+            kept = [k if p is not None else len(c or ())
+                    for p, c, k in zip(prompts, previous.cached_tokens, keep)]
+            kept += [0] * (batch - n)
+            self.rolled_back_rows += sum(
+                p is not None and k < len(c)
+                for p, c, k in zip(prompts, previous.cached_tokens, keep))
+            start = agree_max(max(kept, default=0))
+            capacity = capacity_bucket(start + width + max_new_bucket,
+                                       self.capacity_buckets_per_octave)
+            cache = self._compact(previous, batch, kept, start, capacity)
         else:
             batch = next_power_of_two(agree_max(n))
             suffixes = whole
             width = width_of(suffixes)
-            cache = None
+            cache, start, kept = None, 0, [0] * batch
         tokens = np.zeros((batch, width), np.int32)
         mask = np.zeros((batch, width), bool)
         for i, s in enumerate(suffixes):
             if s:
                 tokens[i, width - len(s):] = s
                 mask[i, width - len(s):] = True
+        # Rows with nothing to attend to (unused rows, padding rows) hold one dummy token.
+        unused = [i for i in range(batch) if kept[i] == 0 and (i >= n or not active[i])]
+        mask[unused, -1] = True
         if not reuse:
-            # Unused rows hold one dummy token so that no row attends to nothing.
-            unused = [i for i in range(batch) if i >= n or not active[i]]
-            mask[unused, -1] = True
             capacity = next_power_of_two(width + max_new_bucket)
             cache = self._new_cache(batch * processes, capacity)
-            start = 0
-        else:
-            start = int(cache.index)
-            needed = start + width + max_new_bucket
-            if needed > cache.capacity:
-                cache = self._grow(cache, capacity=next_power_of_two(needed))
 
         logits, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
         alive = np.zeros((batch,), bool)
@@ -378,14 +395,16 @@ class Sampler:
             # An unused row keeps what it held when this call continued a previous one.
             cached, slots = [], []
             for i, (p, t) in enumerate(zip(prompts, out_tokens)):
+                # Compaction put row i's kept tokens right before slot `start`.
+                head = list(range(start - kept[i], start))
                 if p is None:
                     cached.append(previous.cached_tokens[i] if reuse else None)
-                    slots.append(previous.cached_slots[i] if reuse else None)
+                    slots.append(head if reuse and previous.cached_tokens[i] is not None
+                                 else None)
                     continue
-                kept = previous.cached_slots[i][:keep[i]] if reuse else []
                 end = start + width
                 cached.append(list(p) + t[:-1])
-                slots.append(kept + list(range(end - len(suffixes[i]), end))
+                slots.append(head + list(range(end - len(suffixes[i]), end))
                              + list(range(end, end + len(t) - 1)))
             cached += [None] * (batch - n)
             slots += [None] * (batch - n)
@@ -433,23 +452,23 @@ class Sampler:
         pad = [None] * (batch - len(sources))
         return SamplerState(cache=cache, cached_tokens=cached + pad, cached_slots=slots + pad)
 
-    def _roll_back(self, cache: KVCache, batch: int, prompts, previous: SamplerState,
-                   keep: list[int]) -> KVCache:
-        """Invalidates, in rows whose prompt departs from their cached tokens, every slot
-        after the kept prefix. A no-op (no program runs) when no row of any process needs it."""
-        rows = np.zeros((batch,), bool)
-        slots_kept = np.zeros((batch, cache.capacity), bool)
-        positions = np.zeros((batch,), np.int32)
-        for i, (p, k) in enumerate(zip(prompts, keep)):
-            if p is not None and k < len(previous.cached_tokens[i]):
-                rows[i] = True
-                slots_kept[i, previous.cached_slots[i][:k]] = True
-                positions[i] = k
-        roll = distributed.any_process(rows.any()) if self.multiprocess else rows.any()
-        if not roll:
-            return cache
-        return self._rollback(cache, self._place(rows), self._place(slots_kept),
-                              self._place(positions))
+    def _compact(self, previous: SamplerState, batch: int, kept: list[int], start: int,
+                 capacity: int) -> KVCache:
+        """The previous cache with row i's first kept[i] cached tokens moved, in order, to
+        slots [start - kept[i], start) of a `capacity`-slot cache and nothing else valid:
+        what is rolled back and every hole (padding, slots left by rows that stopped
+        early) is gone, and row i resumes at rotary position kept[i]."""
+        sources = np.zeros((batch, capacity), np.int32)
+        valid = np.zeros((batch, capacity), bool)
+        for i, k in enumerate(kept):
+            if k:
+                sources[i, start - k:start] = previous.cached_slots[i][:k]
+                valid[i, start - k:start] = True
+        compact = (self._compact_same if capacity == previous.cache.capacity
+                   else self._compact_resize)
+        return compact(previous.cache, self._place(sources), self._place(valid),
+                       jnp.int32(start), self._place(np.asarray(kept, np.int32)),
+                       capacity=capacity)
 
     def fork_groups(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
                     groups: Sequence[Any]) -> tuple[SamplerState | None, int]:

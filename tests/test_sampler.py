@@ -415,3 +415,24 @@ def test_capacity_bucket():
     assert [capacity_bucket(n) for n in (1, 5, 8, 9, 2049, 2560, 2561, 4096)] == [
         1, 5, 8, 10, 2560, 2560, 3072, 4096]
     assert capacity_bucket(2049, per_octave=1) == 4096
+
+
+def test_long_extensions_are_prefilled_in_blocks(models):
+    """An extension longer than `extension_block` is fed in whole blocks of that width
+    (the cache needs room for the suffix plus under one block, not its power of two), and
+    samples what a fresh prefill samples."""
+    path, _, config, model, _ = models["gqa2-untied"]
+    sampler = Sampler(model, extension_block=16)
+    rng = np.random.default_rng(13)
+    prompts = random_prompts(rng, config.vocab_size, [9, 4])
+    first = sampler.generate(model, prompts, 4, keep_state=True)
+    longer = [p + t + random_prompts(rng, config.vocab_size, [n])[0]
+              for p, t, n in zip(prompts, first.tokens, [35, 20])]
+    cont = sampler.generate(model, longer, 4, previous=first.state, keep_state=True)
+    assert cont.tokens == sampler.generate(model, longer, 4).tokens
+    assert cont.prefill_tokens == 35 + 20 + 2  # and each row's last sampled token
+    widths = {key[1][1] for key in sampler.compilations if key[0] == "prefill"}
+    assert widths == {16}  # the first prompts' block and three extension blocks
+    assert_only_cached_slots_valid(cont.state)
+    with pytest.raises(ValueError, match="extension_block=24 must be a power of two"):
+        Sampler(model, extension_block=24)

@@ -1,7 +1,7 @@
 """Batched autoregressive sampling with a KV cache: jitted prefill and while-loop decode.
 
-Prompts are left padded into a [B, T] block; batch size, prompt length, number of new
-tokens and cache capacity are rounded up to powers of two, so a long run compiles a small,
+Prompts are left padded into a [B, T] block; batch size, prompt length and number of new
+tokens are rounded up to powers of two and cache capacity to `capacity_bucket`s, so a long run compiles a small,
 bounded set of programs (`Sampler.compilations` counts them). Temperature, top-p and top-k
 are traced scalars: changing them never recompiles. Weights are arguments of the jitted
 functions, never constants, so the same programs serve updated policy weights.
@@ -46,6 +46,11 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
     n = max(int(n), minimum, 1)
     return 1 << (n - 1).bit_length()
 
+
+# A continuation prefills its new tokens in blocks of at most this many (a power of two):
+# the cache then needs room for one block past the kept tokens and the longest new suffix,
+# not for that suffix rounded up to a power of two (up to twice its length).
+EXTENSION_BLOCK = 1024
 
 # Cache capacities of continued calls: this many sizes per octave (power-of-two interval),
 # so a continued cache wastes at most 1 / (this) of its slots while a long run still
@@ -156,7 +161,11 @@ class Sampler:
 
     def __init__(self, model: nnx.Module, *, min_prompt_bucket: int = 16,
                  max_stop_tokens: int = 8, mesh=None, cache_dtype=None,
-                 capacity_buckets_per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE):
+                 capacity_buckets_per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE,
+                 extension_block: int = EXTENSION_BLOCK):
+        if extension_block < min_prompt_bucket or extension_block & (extension_block - 1):
+            raise ValueError(f"Sampler: extension_block={extension_block} must be a power "
+                             f"of two >= min_prompt_bucket={min_prompt_bucket}")
         self.graphdef = nnx.graphdef(model)
         self.config = model.config
         self.min_prompt_bucket = min_prompt_bucket
@@ -164,6 +173,7 @@ class Sampler:
         self.mesh = mesh
         self.cache_dtype = cache_dtype
         self.capacity_buckets_per_octave = capacity_buckets_per_octave
+        self.extension_block = extension_block
         self.compilations: collections.Counter = collections.Counter()
         # Rows whose continuation dropped cached tokens (a prompt departing part-way).
         self.rolled_back_rows = 0
@@ -338,6 +348,9 @@ class Sampler:
             batch = previous.cache.batch_size // processes  # this process's rows
             suffixes = [[] if p is None else list(p[k:]) for p, k in zip(prompts, keep)]
             width = width_of(suffixes)
+            if width > self.extension_block:  # whole blocks, none of them empty
+                longest = agree_max(max((len(x) for x in suffixes), default=0))
+                width = -(-longest // self.extension_block) * self.extension_block
             # Rows that sit out keep everything they hold; rows past this call's prompts
             # (an earlier call's padding or extra rows) are dropped.
             kept = [k if p is not None else len(c or ())
@@ -365,10 +378,13 @@ class Sampler:
         unused = [i for i in range(batch) if kept[i] == 0 and (i >= n or not active[i])]
         mask[unused, -1] = True
         if not reuse:
-            capacity = next_power_of_two(width + max_new_bucket)
+            capacity = capacity_bucket(width + max_new_bucket, self.capacity_buckets_per_octave)
             cache = self._new_cache(batch * processes, capacity)
 
-        logits, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
+        block = self.extension_block if reuse else width
+        for b0 in range(0, width, block):
+            logits, cache = self._prefill(weights, cache, self._place(tokens[:, b0:b0 + block]),
+                                          self._place(mask[:, b0:b0 + block]))
         alive = np.zeros((batch,), bool)
         alive[:n] = active
         # One stream per global row; every process computes the same [B_global] keys.

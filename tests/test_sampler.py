@@ -429,10 +429,10 @@ def test_long_extensions_are_prefilled_in_blocks(models):
     longer = [p + t + random_prompts(rng, config.vocab_size, [n])[0]
               for p, t, n in zip(prompts, first.tokens, [35, 20])]
     cont = sampler.generate(model, longer, 4, previous=first.state, keep_state=True)
-    assert cont.tokens == sampler.generate(model, longer, 4).tokens
-    assert cont.prefill_tokens == 35 + 20 + 2  # and each row's last sampled token
     widths = {key[1][1] for key in sampler.compilations if key[0] == "prefill"}
     assert widths == {16}  # the first prompts' block and three extension blocks
+    assert cont.tokens == sampler.generate(model, longer, 4).tokens
+    assert cont.prefill_tokens == 35 + 20 + 2  # and each row's last sampled token
     assert_only_cached_slots_valid(cont.state)
     with pytest.raises(ValueError, match="extension_block=24 must be a power of two"):
         Sampler(model, extension_block=24)

@@ -232,7 +232,7 @@ def _render_rl_step(records: list[dict]) -> list[str]:
                   key=lambda r: (_device(r), r["config"]["config"]))
     if not rows:
         return []
-    out = ["### RL step (`Trainer.train_step`)", "",
+    out = ["### RL step (`train.train_step`)", "",
            "| device | config | simulator | dialogues | all tok/s | policy tok/s | step s "
            "| policy sampling s | simulator s | rollout other s | log-probs s | update s "
            "| first step s | compiles/step after warm-up | sampler programs | load start / end |",

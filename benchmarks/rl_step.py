@@ -1,4 +1,4 @@
-"""The full RL step (`Trainer.train_step`): throughput, where the time goes, recompilations.
+"""The full RL step (`train.train_step`): throughput, where the time goes, recompilations.
 
     python -m benchmarks.rl_step --quick        # tiny_llm + tiny, 1 warm-up + 3 steps each
     python -m benchmarks.rl_step --config configs/tiny_llm.py --steps 6
@@ -35,7 +35,6 @@ import argparse
 import collections
 import os
 import statistics
-import tempfile
 import time
 
 from benchmarks import common
@@ -118,8 +117,10 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict,
     """Runs warm-up + measured trainer steps of one config; returns one record."""
     import jax
 
+    from rlver_jax import build
     from rlver_jax import sharding as sharding_lib
-    from rlver_jax.trainer import Trainer
+    from rlver_jax.step import States
+    from rlver_jax.train import make_programs, train_step
 
     config = _load_config(path)
     config.simulator.reuse_cache = simulator_reuse
@@ -127,16 +128,18 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict,
     config.log.plots = False
     name = os.path.splitext(os.path.basename(path))[0]
     per_step = []
-    with tempfile.TemporaryDirectory() as workdir, CompileCounter() as compiles:
+    with CompileCounter() as compiles:
         t0 = time.perf_counter()
-        trainer = Trainer(config, workdir)
+        parts = build.build(config)
+        programs = make_programs(parts)
+        states = States(parts.policy_state, parts.critic_state)
         build_s = time.perf_counter() - t0
-        # train_step expects the mesh and logical rules that Trainer.run() sets around it.
-        with jax.set_mesh(trainer.mesh), sharding_lib.logical_rules(trainer.rules):
+        # train_step expects the mesh and logical rules that train() sets around it.
+        with jax.set_mesh(parts.layout.mesh), sharding_lib.logical_rules(parts.layout.rules):
             for step in range(warmup + steps):
                 before, before_s = compiles.count, compiles.seconds
                 t0 = time.perf_counter()
-                metrics = trainer.train_step(step)
+                states, metrics, _ = train_step(parts, programs, states, step)
                 wall = time.perf_counter() - t0
                 per_step.append({
                     "step": step, "wall_s": wall, "metrics": metrics,
@@ -148,7 +151,7 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict,
                       f"{per_step[-1]['compiles']} compiles "
                       f"({per_step[-1]['compile_s']:.1f}s), sampler programs "
                       f"{metrics['compile/sampler_programs']:.0f}", flush=True)
-        del trainer
+        del parts, programs, states
     measured = per_step[warmup:]
     # A step that compiled measures the compiler, not the loop: average the steady-state
     # numbers over the compile-free measured steps when there are any (the compile counts

@@ -8,6 +8,8 @@ error that names it.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from rlver_jax import config_files
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -47,18 +49,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.simulator.dtype = "bfloat16"      # never trained: its weights are stored in this dtype
     c.simulator.attention = "auto"
     c.simulator.difficulty = "hard"     # sage | hard | strict
-    # Individual knobs override the difficulty preset (env/simulator.py SimulatorSettings);
-    # unset (None) keeps the preset's value; -1 turns an optional bound off. E.g.
-    # --config.simulator.overrides.start_emotion=40 --config.simulator.overrides.delta_clamp=-1
-    c.simulator.overrides = ml_collections.ConfigDict({
-        "language": placeholder(str), "start_emotion": placeholder(int),
-        "delta_clamp": placeholder(int), "max_turns": placeholder(int),
-        "end_below": placeholder(int), "end_at_or_above": placeholder(int),
-        "emotion_floor": placeholder(int), "hint_need": placeholder(bool),
-        "reserve": placeholder(str), "goodbye_word": placeholder(str),
-        "parse_retries": placeholder(int), "fallback_delta": placeholder(int),
-        "use_first_talk": placeholder(bool),
-    })
+    # One knob per SimulatorSettings field (env/simulator.py), generated from the dataclass;
+    # a knob that is set overrides the difficulty preset, unset (None) keeps the preset's
+    # value, and "off" turns an optional bound off (delta_clamp, end_below, ...). E.g.
+    # --config.simulator.overrides.start_emotion=40 --config.simulator.overrides.delta_clamp=off
+    c.simulator.overrides = config_files.simulator_knobs()
     c.simulator.temperature = 0.7
     c.simulator.top_p = 0.95
     c.simulator.max_analyzer_tokens = 512
@@ -94,7 +89,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.rollout.truncated_turn = "pass"
 
     c.rl = ml_collections.ConfigDict()
-    c.rl.algorithm = "ppo"              # ppo | grpo
+    c.rl.algorithm = "ppo"              # ppo | grpo | rloo (rl/advantages.py)
     c.rl.actor_lr = 1e-6
     c.rl.actor_warmup_ratio = 0.02
     c.rl.critic_lr = 5e-6

@@ -109,7 +109,8 @@ class Checkpointer:
 
     Args:
       directory: where the step directories live (created unless `read_only`).
-      save_every: `save(step, ...)` writes when `step % save_every == 0` (or `force`).
+      save_every: `save(step, ...)` writes when `step % save_every == 0` (Orbax's
+        fixed-interval policy), at a pre-emption sync point, or with `force`.
       keep: how many of the most recent steps to keep (0: all).
       async_save: write in a background thread (see the module docstring).
       read_only: never write or delete anything (export and evaluation read a workdir
@@ -132,8 +133,12 @@ class Checkpointer:
         self.read_only = read_only
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None if read_only or keep == 0 else keep,
-            # Saving is decided here (`save_every`, `force`); Orbax is always told to save.
-            save_interval_steps=0 if read_only else 1,
+            # Orbax decides when to save: every `save_every` steps, and (multi-host) at the
+            # step JAX's pre-emption service agrees on. Not its default policy, which also
+            # saves the first step of a run whatever the interval.
+            save_decision_policy=None if read_only else ocp.checkpoint_managers.AnySavePolicy([
+                ocp.checkpoint_managers.FixedIntervalPolicy(self.save_every),
+                ocp.checkpoint_managers.PreemptionCheckpointingPolicy()]),
             create=not read_only,
             read_only=read_only,
             cleanup_tmp_directories=not read_only,
@@ -153,7 +158,8 @@ class Checkpointer:
         steps = self.all_steps()
         return steps[-1] if steps else None
 
-    def _resolve_step(self, step: int | None) -> int:
+    def resolve_step(self, step: int | None) -> int:
+        """`step`, checked to have a checkpoint; None: the latest (after pending saves)."""
         self.wait()
         steps = self.all_steps()
         if not steps:
@@ -170,7 +176,7 @@ class Checkpointer:
 
     def items_at(self, step: int | None = None) -> list[str]:
         """Names of the array items saved at `step` (default: the latest)."""
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         step_dir = self._step_dir(step)
         return sorted(p.name for p in step_dir.iterdir()
                       if p.is_dir() and p.name != META_ITEM and not p.name.startswith("."))
@@ -180,15 +186,17 @@ class Checkpointer:
              force: bool = False) -> bool:
         """Saves `items` (name -> pytree of arrays) and `meta` (JSON) as step `step`.
 
-        Writes when `step % save_every == 0` or `force`; a step that already has a
-        checkpoint is never rewritten (returns False), so a forced save at pre-emption
-        right after a periodic save of the same step is a no-op. Returns whether a save
-        was started. Every process must call it (multi-host).
+        Writes when `step % save_every == 0`, at a multi-host pre-emption sync point, or
+        with `force`; without `force`, a step at or below the latest saved one is skipped.
+        A step that already has a checkpoint is never rewritten (returns False), so a
+        forced save at pre-emption right after a periodic save of the same step is a no-op.
+        Returns whether a save was started. Every process must call it, at every step
+        (multi-host: the pre-emption sync point is agreed collectively).
         """
         if self.read_only:
             raise CheckpointError(f"{self.directory} was opened read-only; cannot save")
         step = int(step)
-        if not force and step % self.save_every:
+        if not force and not self._mngr.should_save(step):
             return False
         if step in self._mngr.all_steps():
             log.info("checkpoint for step %d already exists in %s", step, self.directory)
@@ -205,6 +213,8 @@ class Checkpointer:
                             ) from e
         args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
         args[META_ITEM] = ocp.args.JsonSave(meta)
+        # The decision is made above (Orbax's policy or `force`); asking Orbax again would
+        # query the pre-emption sync point twice for one step.
         saved = self._mngr.save(step, args=ocp.args.Composite(**args), force=True)
         if saved:
             log.info("saving checkpoint step %d to %s (%s)", step, self.directory,
@@ -226,7 +236,7 @@ class Checkpointer:
         names = list(targets) if items is None else list(items)
         if not names:
             raise ValueError("restore needs at least one item (pass targets)")
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         available = self.items_at(step)
         for name in names:
             if name not in available:
@@ -271,7 +281,7 @@ class Checkpointer:
 
     def restore_meta(self, step: int | None = None) -> dict:
         """The JSON metadata of `step` (default: the latest)."""
-        step = self._resolve_step(step)
+        step = self.resolve_step(step)
         restored = self._mngr.restore(step, args=ocp.args.Composite(
             **{META_ITEM: ocp.args.JsonRestore()}))
         return dict(restored[META_ITEM] or {})
@@ -372,9 +382,7 @@ class PreemptionGuard:
 
 
 def _jax_preemption_service_active() -> bool:
-    try:
-        from jax._src import distributed
-    except ImportError:
-        return False
-    state = distributed.global_state
-    return state.client is not None and state.preemption_sync_manager is not None
+    # `jax.distributed.initialize` starts the service (which takes over SIGTERM) whenever
+    # this flag is on.
+    return bool(jax.distributed.is_initialized()
+                and jax.config.jax_enable_preemption_service)

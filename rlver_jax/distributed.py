@@ -72,11 +72,7 @@ def detect(env: Mapping[str, str] | None = None) -> tuple[str, dict[str, Any]] |
 
 def is_initialized() -> bool:
     """Whether `jax.distributed.initialize` has run in this process (by us or anyone)."""
-    probe = getattr(jax.distributed, "is_initialized", None)
-    if probe is not None:
-        return bool(probe())
-    from jax._src import distributed as _distributed  # older JAX: no public probe
-    return _distributed.global_state.client is not None
+    return bool(jax.distributed.is_initialized())
 
 
 def maybe_initialize(coordinator: str | None = None, num_processes: int | None = None,
@@ -220,17 +216,11 @@ def global_rows(local: np.ndarray, mesh, rules: Mapping[str, object] | None = No
     global_shape = (rows * jax.process_count(),) + local.shape[1:]
     sharding = shd.batch_sharding(mesh, local.ndim, rules, batch_size=global_shape[0])
     if _process_blocks(sharding, global_shape, rows):
-        offset = jax.process_index() * rows
-
-        def mine(index):
-            start, stop, _ = index[0].indices(global_shape[0])
-            return local[(slice(start - offset, stop - offset),) + tuple(index[1:])]
-    else:
-        everything = _allgather(local).reshape(global_shape)
-
-        def mine(index):
-            return everything[index]
-    return jax.make_array_from_callback(global_shape, sharding, mine)
+        # This process's devices cover exactly its own block, in row order: the layout
+        # JAX's helper maps the local rows onto.
+        return jax.make_array_from_process_local_data(sharding, local, global_shape)
+    everything = _allgather(local).reshape(global_shape)
+    return jax.make_array_from_callback(global_shape, sharding, lambda index: everything[index])
 
 
 def local_rows(x: jax.Array) -> np.ndarray:

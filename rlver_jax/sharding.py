@@ -10,18 +10,26 @@ Rule presets (`RULE_PRESETS`, chosen by `config.mesh.rules`): `fsdp` (pure FSDP)
 `sampling` (weights replicated over `fsdp`, split over `tensor` only: decoding one token
 at a time cannot amortise an all-gather of every weight per step). `reshard` moves a tree
 between layouts device to device.
+
+What comes from flax and what does not: the table in force lives in flax's own logical-axis
+rule context (`nnx.logical_axis_rules`, as `(logical name, mesh axes)` pairs), so flax code
+sees the same table. Resolving names to a `PartitionSpec` stays here, because flax's
+resolvers (`nnx.get_partition_spec`, `flax.linen.logical_to_mesh_axes`, and the eager
+sharding of variables created with `nnx.with_partitioning`) rename axes without looking at
+the array: they neither drop a mesh axis that does not divide the dimension nor skip size-1
+axes, so the 2-head KV projection above would fail to shard on a 4-way tensor axis. For the
+same reason parameters carry our `logical_axes` metadata rather than flax's `out_sharding`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from typing import Iterable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -85,22 +93,15 @@ def get_rules(rules: str | Mapping[str, object] | None = None,
     return table
 
 
-_RULES: contextvars.ContextVar[Mapping[str, object]] = contextvars.ContextVar(
-    "rlver_jax_logical_rules", default=FSDP_TENSOR_RULES)
-
-
-@contextlib.contextmanager
 def logical_rules(rules: Mapping[str, object]):
-    """Sets the rule table used by `constrain` inside the block."""
-    token = _RULES.set(dict(rules))
-    try:
-        yield
-    finally:
-        _RULES.reset(token)
+    """Sets the rule table used by `constrain` inside the block (flax's rule context)."""
+    return nnx.logical_axis_rules(tuple(dict(rules).items()))
 
 
 def current_rules() -> Mapping[str, object]:
-    return _RULES.get()
+    """The table of the innermost `logical_rules` block; `FSDP_TENSOR_RULES` outside any
+    (flax's context is per thread and starts empty)."""
+    return dict(flax_spmd.get_logical_axis_rules()) or FSDP_TENSOR_RULES
 
 
 def _mesh_axes_of(rule) -> tuple[str, ...]:
@@ -185,12 +186,6 @@ def make_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
                          f"devices, {len(devices)} available")
     return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices)
-
-
-def mesh_from_config(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The mesh of a config's `mesh` block (`shape` = (data, fsdp, tensor), one may be -1)."""
-    shape = getattr(mesh_config, "shape", mesh_config)
-    return make_mesh(tuple(int(s) for s in shape), devices)
 
 
 def _is_variable(x) -> bool:
@@ -295,11 +290,3 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: Mapping[str, object] | None = N
     shape = None if batch_size is None else (batch_size,) + (1,) * (ndim - 1)
     spec = logical_to_spec(("batch",) + (None,) * (ndim - 1), shape, dict(mesh.shape), rules)
     return NamedSharding(mesh, spec)
-
-
-def describe(tree) -> Iterable[tuple[str, tuple[int, ...], str]]:
-    """(path, shape, spec) rows of a tree of arrays, for logs and the memory planner."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        sharding = getattr(leaf, "sharding", None)
-        spec = getattr(sharding, "spec", None)
-        yield jax.tree_util.keystr(path), tuple(np.shape(leaf)), str(spec)

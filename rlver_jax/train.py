@@ -1,88 +1,135 @@
 """`python -m rlver_jax.train [--config FILE[:ARG]] [--config.key=value ...] [--workdir DIR]`
 
-With no flags it runs the embedded default (`configs/tiny.py`): a tiny random policy
-learning against the TOY rule judge on CPU in a few minutes. Re-running the same command on
-a workdir that holds checkpoints resumes from the latest one. It runs from any directory:
-`--config` takes a file or a shipped config's name (`rlver`, `configs/rlver.py:ARG`), and
-`--workdir` a local path or a gs:// URL.
+`train(config, workdir)` is one RLVER run: the components from the config (`build.py`),
+then every step's stages (`step.py`) in the order of DESIGN.md's picture, then the
+step's record, dialogue log and checkpoint (`workdir.py`). Re-running on a workdir that
+holds checkpoints resumes from the latest one. The command line (flags, one-line errors)
+is `train_cli.py`; with no flags it runs the embedded default (`configs/tiny.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import sys
+from typing import Callable
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import jax
+import ml_collections
 
-from rlver_jax import config_files
-from rlver_jax.cli_errors import config_error as _config_error
-from rlver_jax.cli_errors import one_line, parse_flags_or_exit
-
-_DEFAULT_CONFIG = config_files.DEFAULT_CONFIG
-if __name__ == "__main__":
-    config_files.prepare_config_argv()
-
-
-try:
-    # config_flags reads the overrides in sys.argv while the flag is defined.
-    _CONFIG = config_flags.DEFINE_config_file(
-        "config", _DEFAULT_CONFIG, "ml-collections config file (configs/*.py[:ARG]).",
-        lock_config=True)
-except (AttributeError, KeyError) as _e:
-    if __name__ != "__main__":
-        raise
-    print(_config_error(_e, sys.argv), file=sys.stderr)
-    sys.exit(2)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/default", "Directory (or gs:// URL) for "
-                               "checkpoints, metrics.jsonl, TensorBoard events, dialogue "
-                               "logs and plots.")
-_CACHE = flags.DEFINE_string(
-    "compilation_cache", os.path.join("~", ".cache", "rlver_jax", "xla"),
-    "Persistent XLA compilation cache ('' disables): a second run of the same config "
-    "skips most compilation.")
+from rlver_jax import build, storage
+from rlver_jax import sharding as sharding_lib
+from rlver_jax import step as stages
+from rlver_jax import workdir as files
+from rlver_jax.checkpoint import PreemptionGuard
+from rlver_jax.config_checks import validate_process_layout
+from rlver_jax.distributed import spans_processes
+from rlver_jax.rl.advantages import CRITIC_ALGORITHMS
+from rlver_jax.workdir import TrainingError
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Orbax and JAX log every checkpoint file operation at INFO; keep the console readable
-    # (--verbosity=0 brings them back).
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    import jax
-    if _CACHE.value and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(_CACHE.value))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-    from rlver_jax import distributed
-    distributed.maybe_initialize()
-    from rlver_jax.checkpoint import CheckpointError
-    from rlver_jax.env.profiles import ProfileError
-    from rlver_jax.metrics import TrackerError
-    from rlver_jax.models import CheckpointFormatError
-    from rlver_jax.trainer import ConfigError, Trainer, TrainingError
+@dataclasses.dataclass
+class Outcome:
+    """What `train` returns: one record per step run, and the final trained states."""
+
+    history: list[dict]
+    states: stages.States
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The step's compiled stages, built once per run from the config's values."""
+
+    score: Callable
+    advantages: Callable
+
+
+def make_programs(parts: build.Components) -> Programs:
+    rl = parts.config.rl
+    # Unset: on for PPO, off for the group baselines (configs/base.py says why).
+    whiten = (rl.algorithm in CRITIC_ALGORITHMS if rl.whiten_advantages is None
+              else bool(rl.whiten_advantages))
+    return Programs(
+        score=stages.make_scorer(parts.policy_updater, parts.critic_updater,
+                                 tis_cap=rl.tis_cap, kl_reward_coef=rl.kl_reward_coef,
+                                 kl_reward_kind=rl.kl_reward_kind),
+        advantages=stages.make_advantages(rl.algorithm, gamma=rl.gamma, lam=rl.lam,
+                                          normalize_std=rl.grpo_normalize_std, whiten=whiten))
+
+
+def train_step(parts: build.Components, programs: Programs, states: stages.States, step: int):
+    """One step, under the mesh and the training rules: (new states, the step's metrics,
+    the rollout)."""
+    clock = stages.Clock()
+    profiles = stages.profiles_for_step(parts.profiles, parts.config, step)
+    result = stages.rollout(parts, states, profiles, step)
+    clock.lap("rollout_s")
+    batch = stages.train_batch(parts, result)
+    scores, score_metrics = programs.score(
+        states.policy.params, states.critic.params if states.critic else None,
+        parts.reference_params, batch.arrays)
+    train_batch, adv_metrics = programs.advantages(batch.arrays, scores)
+    clock.lap("scoring_s", (train_batch, score_metrics, adv_metrics))
+    states, update_metrics = stages.update(parts, states, train_batch, batch.global_rows, step)
+    clock.lap("update_s")
+    metrics = stages.step_metrics(parts, result, batch.rows, clock.total(), score_metrics,
+                                  adv_metrics, update_metrics)
+    return states, metrics, result
+
+
+def train(c: ml_collections.ConfigDict, workdir: str) -> Outcome:
+    workdir = os.fspath(workdir)
+    parts = build.build(c)
+    validate_process_layout(c, jax.process_count(), spans_processes(parts.layout.mesh))
+    programs = make_programs(parts)
+    storage.makedirs(workdir)
+    checkpointer = build.build_checkpointer(c, workdir)
+    start, states, notes = files.restore(checkpointer, parts,
+                                         stages.States(parts.policy_state, parts.critic_state))
+    writer = files.open_writer(c, workdir, start)
+    if start:
+        for note in [f"resumed from step {start} in {workdir}", *notes]:
+            writer.log(note)
+    history, bad_in_a_row = [], 0
     try:
-        trainer = Trainer(_CONFIG.value, _WORKDIR.value)
-        history = trainer.run()
-    except (ConfigError, TrainingError, FileNotFoundError, ProfileError, CheckpointError,
-            CheckpointFormatError, TrackerError) as e:
-        # Logged below the console's WARNING level: stderr gets exactly one line.
-        logging.info("%s", e)
-        print(f"error: {one_line(e)}", file=sys.stderr)
-        sys.exit(1)
-    if not history:
-        print(f"nothing to do: {_WORKDIR.value} already holds the final step "
-              f"({_CONFIG.value.total_steps}); pass another --workdir or a larger "
-              "--config.total_steps to continue")
-    else:
-        first, last = history[0], history[-1]
-        print(f"done: steps {first['step']}..{last['step']}, reward/mean "
-              f"{first['reward/mean']:.3f} -> {last['reward/mean']:.3f}; "
-              f"outputs in {_WORKDIR.value}")
+        with PreemptionGuard() as guard, jax.set_mesh(parts.layout.mesh), \
+                sharding_lib.logical_rules(parts.layout.rules):
+            for step in range(start, c.total_steps):
+                states, metrics, result = train_step(parts, programs, states, step)
+                bad_in_a_row = bad_in_a_row + 1 if metrics["update/skipped"] else 0
+                if bad_in_a_row:
+                    writer.log(f"step {step}: non-finite loss or gradient, update skipped "
+                               f"({bad_in_a_row} in a row)")
+                    if bad_in_a_row >= c.rl.max_consecutive_nonfinite:
+                        raise TrainingError(
+                            f"{bad_in_a_row} consecutive steps with a non-finite loss or "
+                            f"gradient (last at step {step}); stopping. The last good "
+                            f"checkpoint (step {checkpointer.latest_step()}) is kept in "
+                            f"{storage.join(workdir, 'checkpoints')}")
+                if c.eval.every and (step + 1) % c.eval.every == 0:
+                    metrics.update(stages.evaluate(parts, states, step))
+                writer.write(step, metrics)
+                history.append({"step": step, **metrics})
+                files.log_dialogues(c, workdir, result, step)
 
-
-parse_flags = parse_flags_or_exit
+                done = step + 1
+                stop = guard.should_stop(done)  # agreed by every process
+                # A skipped update left the parameters as they were: nothing new to save.
+                if not metrics["update/skipped"] or stop:
+                    checkpointer.save(done, files.checkpoint_items(states),
+                                      files.checkpoint_meta(parts, states, done),
+                                      force=done == c.total_steps or stop)
+                if stop:
+                    writer.log(f"pre-emption signal: saved step {done}, exiting")
+                    break
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+        writer.close()
+        if files.is_main() and c.log.plots:
+            files.write_plots(workdir)
+    return Outcome(history, states)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    from rlver_jax import train_cli
+    train_cli.run()

@@ -1,16 +1,17 @@
-"""A tiny config for the planner / multi-host tests (the fields rlver_jax.plan reads)."""
+"""A tiny training config for the planner tests: the embedded default with a tiny LLM user,
+a 2 x 2 x 2 mesh and short sequences."""
 
-import ml_collections
+from configs import tiny
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
-    c.policy = ml_collections.ConfigDict(dict(preset="tiny", param_dtype="float32",
-                                              dtype="float32", remat="none"))
-    c.simulator = ml_collections.ConfigDict(dict(preset="tiny", dtype="float32"))
-    c.critic = ml_collections.ConfigDict(dict(enabled=False))
-    c.mesh = ml_collections.ConfigDict(dict(shape=(2, 2, 2), rules="fsdp_tensor"))
-    c.rollout = ml_collections.ConfigDict(dict(batch_dialogues=8, max_dialogue_tokens=64,
-                                               max_turn_tokens=16))
-    c.rl = ml_collections.ConfigDict(dict(micro_batch_size=0, kl_loss_coef=0.0))
+def get_config():
+    c = tiny.get_config()
+    c.policy.param_dtype = c.policy.dtype = "float32"
+    c.simulator.kind = "llm"
+    c.simulator.max_prompt_tokens = 48
+    c.simulator.max_analyzer_tokens = c.simulator.max_actor_tokens = 16
+    c.mesh.shape = (2, 2, 2)
+    c.rollout.batch_dialogues = 8
+    c.rollout.max_dialogue_tokens = 64
+    c.rollout.max_turn_tokens = 16
     return c

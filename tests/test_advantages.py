@@ -241,3 +241,62 @@ def test_broadcast_sequence_advantage():
     mask = np.array([[1, 1, 0, 1], [0, 0, 1, 1]], np.float32)
     out = adv_lib.broadcast_sequence_advantage(jnp.array([2.0, -0.5]), mask)
     np.testing.assert_array_equal(out, [[2.0, 2.0, 0.0, 2.0], [0.0, 0.0, -0.5, -0.5]])
+
+
+# ------------------------------------------------------------------------------- compute
+
+
+def outcome_batch():
+    """Think mode: a dialogue has one row per policy turn. Dialogues d0..d3 (rows 3, 1, 2,
+    1) in groups (d0, d1), (d2, d3); one padding row at the end."""
+    rewards = {0: 0.2, 1: 0.6, 2: 0.5, 3: 0.5}
+    turns = {0: 3, 1: 1, 2: 2, 3: 1}
+    dialogue_ids = [d for d in rewards for _ in range(turns[d])] + [-1]
+    scores = [rewards.get(d, 0.0) for d in dialogue_ids]
+    group_ids = [d // 2 if d >= 0 else 0 for d in dialogue_ids]
+    mask = np.ones((len(dialogue_ids), 4), np.int32)
+    mask[-1] = 0
+    return dict(scores=jnp.array(scores), group_ids=jnp.array(group_ids),
+                dialogue_ids=jnp.array(dialogue_ids), loss_mask=jnp.asarray(mask),
+                rewards=jnp.zeros(mask.shape))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_compute_grpo_counts_each_dialogue_once(jit):
+    compute = lambda **kw: adv_lib.compute("grpo", **kw)
+    adv, returns = (jax.jit(compute) if jit else compute)(**outcome_batch())
+    # (0.2 - 0.4) / (unbiased std 0.2 * sqrt(2) + 1e-6) = -0.70711; equal rewards give 0.
+    # Counting rows instead of dialogues would weigh d0 three times.
+    a = 0.2 / (0.2 * np.sqrt(2) + 1e-6)
+    np.testing.assert_allclose(adv[:, 0], [-a, -a, -a, a, 0, 0, 0, 0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(adv, np.asarray(adv[:, :1]) * outcome_batch()["loss_mask"])
+    assert not np.asarray(returns).any()
+
+
+def test_compute_dispatches_on_the_algorithm():
+    batch = outcome_batch()
+    rows = np.asarray(batch["dialogue_ids"]) >= 0
+    for algorithm, estimator in (("grpo", adv_lib.grpo), ("rloo", adv_lib.rloo)):
+        # One row per dialogue: the per-dialogue advantage is the estimator's.
+        first = np.array([0, 3, 4, 6])
+        want = estimator(batch["scores"][first], batch["group_ids"][first])
+        got, _ = adv_lib.compute(algorithm, **batch)
+        np.testing.assert_allclose(got[first, 0], want, rtol=RTOL, atol=ATOL)
+        assert not np.asarray(got)[~rows].any()
+    dr, _ = adv_lib.compute("grpo", normalize_std=False, **batch)
+    np.testing.assert_allclose(dr[:4, 0], [-0.2] * 3 + [0.2], rtol=RTOL, atol=ATOL)
+
+    rng = np.random.default_rng(0)
+    rewards, values = rng.normal(size=(2, 6)), rng.normal(size=(2, 6))
+    mask = multiturn_mask(rng, 2, 6)
+    adv, returns = adv_lib.compute("ppo", rewards=rewards, values=values, loss_mask=mask,
+                                   gamma=0.9, lam=0.8)
+    want_adv, want_ret = adv_lib.gae(rewards, values, mask, 0.9, 0.8)
+    np.testing.assert_allclose(adv, want_adv, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(returns, want_ret, rtol=RTOL, atol=ATOL)
+    whitened, _ = adv_lib.compute("ppo", rewards=rewards, values=values, loss_mask=mask,
+                                  gamma=0.9, lam=0.8, whiten=True)
+    np.testing.assert_allclose(whitened, adv_lib.masked_whiten(want_adv, mask), rtol=RTOL,
+                               atol=ATOL)
+    with pytest.raises(ValueError, match="algorithm='a2c'"):
+        adv_lib.compute("a2c", rewards=rewards, loss_mask=mask)

@@ -8,7 +8,7 @@ import pytest
 
 from configs import base
 from rlver_jax.rl import losses
-from rlver_jax.trainer import ConfigError, agg_constant, validate_config
+from rlver_jax.config_checks import ConfigError, agg_constant, validate_config
 
 
 def test_default_is_the_configured_maximum_response_length():
@@ -40,12 +40,10 @@ def test_norm_mode_does_not_depend_on_the_padded_width(width):
     assert float(term.value()) == pytest.approx((6.0 / 6 + 4.0 / 6) / 2)
 
 
-def test_trainer_passes_it_to_the_update_step():
-    from types import SimpleNamespace
-
-    from rlver_jax.trainer import Trainer
+def test_the_builder_passes_it_to_the_update_step():
+    from rlver_jax.build import update_settings
     c = base.get_config()
     c.rl.agg_mode, c.rollout.think, c.rollout.max_turn_tokens = "seq-mean-token-sum-norm", True, 77
-    settings = Trainer._update_settings(SimpleNamespace(config=c))
+    settings = update_settings(c)
     assert settings.agg_mode == "seq-mean-token-sum-norm"
     assert settings.constant_normaliser == 77.0

@@ -101,7 +101,7 @@ def test_round_trip_params_and_adamw_state(tmp_path, param_dtype):
 def test_bf16_masters_of_an_old_checkpoint_restore_as_float32_with_a_note(tmp_path):
     """Checkpoints written before float32 masters hold bf16 params and moments: a float32
     run restores them cast up (exactly: bf16 -> f32 is lossless) and says so in one line."""
-    from rlver_jax.trainer import master_dtype_note
+    from rlver_jax.workdir import master_dtype_note
     params, opt = trained_state("bfloat16")
     old_meta = {"policy_model": {"param_dtype": "bfloat16", "dtype": "bfloat16"}}
     ckpt = Checkpointer(tmp_path / "ckpt", save_every=1, keep=1, async_save=False)
@@ -165,6 +165,7 @@ def test_save_every_keep_last_k_and_force(tmp_path):
         assert ckpt.save(step, {"p": params}, {"step": step}) == (step % 2 == 0)
     ckpt.wait()
     assert ckpt.all_steps() == [6, 8]
+    assert not ckpt.save(4, {"p": params}, {"step": 4})  # behind the latest: never resaved
     assert ckpt.save(9, {"p": params}, {"step": 9}, force=True)     # pre-emption save
     assert not ckpt.save(9, {"p": params}, {"step": 9}, force=True)  # already there
     ckpt.close()

@@ -114,7 +114,7 @@ def _one_line_error(rc, stderr: str, needles, what):
 def run_train_in_process(config, workdir) -> tuple[int, str]:
     """`python -m rlver_jax.train` with this config, in process: (exit code, stderr)."""
     from absl import flags
-    from rlver_jax import train
+    from rlver_jax import train_cli
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
     flags.FLAGS["config"].value = config
@@ -124,7 +124,7 @@ def run_train_in_process(config, workdir) -> tuple[int, str]:
     rc = 0
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         try:
-            train.main(["rlver_jax.train"])
+            train_cli.main(["rlver_jax.train"])
         except SystemExit as e:
             rc = e.code
     return rc, err.getvalue()
@@ -186,10 +186,10 @@ def test_every_bad_input_ends_in_one_line_error(tmp_path):
                        ("simulator.difficulty", "nightmare")):
         rc, err = run_train_in_process(_train_config(**{key: value}), tmp_path / "w-choice")
         _one_line_error(rc, err, [f"config.{key}", value], f"train, config {key}={value}")
-    for override, needle in (("nope=1", "nope"), ("start_emotion=\"high\"", "start_emotion"),
-                             ("reserve=\"grumpy\"", "reserve")):
+    for override, needle in (("nope=1", "overrides.nope"), ("start_emotion=high", "start_emotion"),
+                             ("reserve=grumpy", "reserve"), ("delta_clamp=-1", "'off'")):
         rc, err = run_main(evaluate.main, "evaluate", "--quiet", f"--hf_model={tmp_path / 'good'}",
-                           "--profiles=en_eval", f"--simulator_override={override}",
+                           "--profiles=en_eval", f"--config.simulator.overrides.{override}",
                            f"--out={tmp_path / 'o'}")
         _one_line_error(rc, err, [needle], f"evaluate, override {override}")
     seen += ["config/bad_choice", "config/unknown_key(evaluate)", "config/wrong_type(evaluate)"]

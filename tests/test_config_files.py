@@ -55,7 +55,7 @@ def test_a_missing_config_file_is_one_line(tmp_path, monkeypatch):
     argv = config_files.resolve_config_argv(["train", "--config=nope.py:x", "--config.seed=1"])
     message = config_files.missing_config_error(argv)
     assert message == ("error: --config=nope.py:x: no such config file (pass a path or a "
-                       "shipped config: base, rlver, tiny, tiny_llm)")
+                       "shipped config: base, eval, rlver, tiny, tiny_llm)")
     assert config_files.missing_config_error(
         config_files.resolve_config_argv(["train", "--config", "rlver:ppo"])) is None
     assert config_files.missing_config_error(["train"]) is None     # the default

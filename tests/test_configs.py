@@ -1,12 +1,15 @@
 """The config files: RLVER defaults, the ablation grid, validation errors."""
 
+import dataclasses
 import itertools
 
 import pytest
 
 from configs import base, rlver, tiny, tiny_llm
+from rlver_jax.env.simulator import SimulatorSettings
 from rlver_jax.models import PRESETS
-from rlver_jax.trainer import ConfigError, simulator_settings, validate_config
+from rlver_jax.build import simulator_settings
+from rlver_jax.config_checks import ConfigError, validate_config
 
 
 def test_base_has_the_reference_hyper_parameters():
@@ -47,9 +50,32 @@ def test_grid_rejects_a_bad_argument_and_names_it():
 def test_simulator_overrides_and_optional_bounds():
     c = rlver.get_config("ppo,think,sage,qwen2.5-7b")
     c.simulator.overrides.start_emotion = 55
-    c.simulator.overrides.delta_clamp = -1     # -1 switches the clamp off
+    c.simulator.overrides.delta_clamp = "off"
     s = simulator_settings(c)
     assert s.start_emotion == 55 and s.delta_clamp is None and s.max_turns == 10
+    c.simulator.overrides.delta_clamp = 7
+    assert simulator_settings(c).delta_clamp == 7
+
+
+def test_simulator_knobs_are_the_settings_fields():
+    knobs = base.get_config().simulator.overrides
+    assert sorted(knobs) == sorted(f.name for f in dataclasses.fields(SimulatorSettings))
+    assert all(v is None for v in knobs.values())
+
+
+@pytest.mark.parametrize("knob,value,needle", [
+    ("delta_clamp", -1, "delta_clamp=-1: write 'off'"),
+    ("end_below", "low", "end_below='low': expected int or 'off'"),
+    ("goodbye_word", 3, "goodbye_word=3: expected str or 'off'"),
+])
+def test_simulator_knob_errors_name_the_key(knob, value, needle):
+    c = tiny.get_config()
+    c.simulator.overrides[knob] = value
+    with pytest.raises(ConfigError, match=f"config.simulator.overrides.{needle}"):
+        simulator_settings(c)
+    # A knob that cannot be off is typed: ml_collections refuses "off" when it is set.
+    with pytest.raises(TypeError, match="max_turns"):
+        c.simulator.overrides.max_turns = "off"
 
 
 @pytest.mark.parametrize("key,value,needle", [

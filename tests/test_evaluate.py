@@ -64,7 +64,7 @@ def hf_dir(tmp_path_factory):
 def rule_eval(hf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
     rc, stdout, stderr = run_cli(f"--hf_model={hf_dir}", "--profiles=en_eval",
-                                 "--max_dialogues=4", "--max_turn_tokens=8", f"--out={out}")
+                                 "--config.max_dialogues=4", "--config.rollout.max_turn_tokens=8", f"--out={out}")
     assert rc == 0, stderr
     report, dialogues = read_outputs(out)
     return out, report, dialogues, stdout
@@ -159,7 +159,7 @@ def test_evaluate_workdir_checkpoint(tmp_path):
                               "config": train_config})
     out = tmp_path / "out"
     rc, _, stderr = run_cli(f"--workdir={workdir}", "--step=1", "--profiles=en_eval",
-                            "--max_dialogues=2", "--batch_size=1", f"--out={out}")
+                            "--config.max_dialogues=2", "--config.batch_size=1", f"--out={out}")
     assert rc == 0, stderr
     report, dialogues = read_outputs(out)
     assert report["policy"] == {"kind": "workdir", "workdir": str(workdir), "step": 1,
@@ -216,11 +216,12 @@ def test_bad_inputs_give_one_line_errors(case, hf_dir, tmp_path):
 def test_llm_simulator_smoke(hf_dir, tmp_path):
     out = tmp_path / "out"
     rc, stdout, stderr = run_cli(
-        f"--hf_model={hf_dir}", "--profiles=en_eval", "--max_dialogues=2",
-        "--max_turn_tokens=4", "--simulator=llm", "--simulator_preset=tiny",
-        "--simulator_max_analyzer_tokens=6", "--simulator_max_actor_tokens=4",
-        "--simulator_max_prompt_tokens=512", "--simulator_override=max_turns=2",
-        "--simulator_override=parse_retries=0", f"--out={out}")
+        f"--hf_model={hf_dir}", "--profiles=en_eval", "--config.max_dialogues=2",
+        "--config.rollout.max_turn_tokens=4", "--config.simulator.kind=llm",
+        "--config.simulator.preset=tiny", "--config.simulator.max_analyzer_tokens=6",
+        "--config.simulator.max_actor_tokens=4", "--config.simulator.max_prompt_tokens=512",
+        "--config.simulator.overrides.max_turns=2",
+        "--config.simulator.overrides.parse_retries=0", f"--out={out}")
     assert rc == 0, stderr
     report, dialogues = read_outputs(out)
     sim = report["simulator"]
@@ -240,3 +241,21 @@ def test_llm_simulator_smoke(hf_dir, tmp_path):
     assert report["settings"]["simulator"]["max_turns"] == 2
     assert report["n"] == 2 and all(d["turns"] <= 2 for d in dialogues)
     assert "TOY" not in stdout
+
+
+def test_llm_simulator_from_an_hf_directory(hf_dir, tmp_path):
+    """The simulator of `config.simulator.hf_dir` loads as training loads it (rlver_jax.build),
+    in the dtype it was saved in, reading with the directory's own tokenizer."""
+    out = tmp_path / "out"
+    rc, _, stderr = run_cli(
+        f"--hf_model={hf_dir}", "--profiles=en_eval", "--config.max_dialogues=1",
+        "--config.rollout.max_turn_tokens=4", f"--config.simulator.hf_dir={hf_dir}",
+        "--config.simulator.max_analyzer_tokens=4", "--config.simulator.max_actor_tokens=4",
+        "--config.simulator.max_prompt_tokens=256", "--config.simulator.overrides.max_turns=1",
+        "--config.simulator.overrides.parse_retries=0", f"--out={out}")
+    assert rc == 0, stderr
+    report, dialogues = read_outputs(out)
+    sim = report["simulator"]
+    assert sim["kind"] == "llm" and sim["hf_dir"] == str(hf_dir) and sim["toy"] is False
+    assert sim["tokenizer"] == str(hf_dir) and sim["sampling"]["max_prompt_tokens"] == 256
+    assert report["timing"]["simulator_tokens"] > 0 and len(dialogues) == 1

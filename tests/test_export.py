@@ -13,8 +13,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rlver_jax.checkpoint import Checkpointer
-from rlver_jax.export import (ExportError, export_workdir, load_critic_from_workdir,
-                              load_policy_from_workdir, main, parse_size)
+from rlver_jax.export import ExportError, export_workdir, main, parse_size
+from rlver_jax.workdir_models import load_critic_from_workdir, load_policy_from_workdir
 from rlver_jax.models import PRESETS, Qwen2, Qwen2Critic
 from rlver_jax.sharding import make_mesh
 from rlver_jax.tokenizer import ChatTokenizer

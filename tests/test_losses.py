@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlver_jax.rl import losses
+from rlver_jax.rl import logprobs, losses
 
 RTOL = 1e-5
 ATOL = 1e-6
@@ -383,16 +383,16 @@ def test_entropy_from_logits():
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ref = -(p * np.log(p)).sum(-1)
-    np.testing.assert_allclose(jax.jit(losses.entropy_from_logits)(logits), ref, rtol=RTOL, atol=1e-5)
+    np.testing.assert_allclose(jax.jit(logprobs.entropy_from_logits)(logits), ref, rtol=RTOL, atol=1e-5)
     # Uniform over V: log V.
-    np.testing.assert_allclose(jax.jit(losses.entropy_from_logits)(jnp.zeros((5,))), math.log(5.0), rtol=RTOL)
+    np.testing.assert_allclose(jax.jit(logprobs.entropy_from_logits)(jnp.zeros((5,))), math.log(5.0), rtol=RTOL)
 
 
 def _direct_head(hidden, weight, targets, temperature):
     logits = jnp.einsum("BTD,DV->BTV", hidden, weight) / temperature
     logp_all = jax.nn.log_softmax(logits, axis=-1)
     logp = jnp.take_along_axis(logp_all, targets[..., None], axis=-1)[..., 0]
-    return logp, losses.entropy_from_logits(logits)
+    return logp, logprobs.entropy_from_logits(logits)
 
 
 B, T, D, V = 2, 12, 8, 37
@@ -426,7 +426,7 @@ def test_chunked_head_matches_direct(chunk_size, temperature):
     hidden, weight, targets, cot_lp, cot_ent = _head_inputs()
 
     def chunked(h, w, tg, temp):
-        return losses.token_logprobs_and_entropy(h, w, tg, chunk_size=chunk_size, temperature=temp)
+        return logprobs.token_logprobs_and_entropy(h, w, tg, chunk_size=chunk_size, temperature=temp)
 
     got = jax.jit(lambda *a: _values_and_grads(chunked, *a))(hidden, weight, targets, temperature,
                                                             cot_lp, cot_ent)
@@ -444,7 +444,7 @@ def test_chunked_head_never_builds_full_logits():
     hidden, weight, targets, cot_lp, _ = _head_inputs()
 
     def f(h, w):
-        lp, ent = losses.token_logprobs_and_entropy(h, w, targets, chunk_size=5)
+        lp, ent = logprobs.token_logprobs_and_entropy(h, w, targets, chunk_size=5)
         return jnp.sum(lp * cot_lp) + jnp.sum(ent)
 
     text = str(jax.make_jaxpr(jax.value_and_grad(f, argnums=(0, 1)))(hidden, weight))
@@ -452,6 +452,23 @@ def test_chunked_head_never_builds_full_logits():
     for length in (T, 15):  # ... but never for the whole (or padded) sequence.
         assert f"[{B},{length},{V}]" not in text
     assert f"[3,{B},5,{V}]" not in text  # nor stacked across chunks by the scan
+
+
+def test_chunked_head_takes_its_sharding_constraint_as_an_argument():
+    hidden, weight, targets, _, _ = _head_inputs()
+    seen = []
+
+    def constrain(x, logical_axes):
+        seen.append((x.shape, tuple(logical_axes)))
+        return x
+
+    got = logprobs.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=5,
+                                              constrain=constrain)
+    # Traced once inside the scan: each chunk's rows by batch, the head gathered over D.
+    assert seen == [((B, 5, D), ("batch", "length", None)), ((D, V), (None, "vocab"))]
+    ref = logprobs.token_logprobs_and_entropy(hidden, weight, targets, chunk_size=5)
+    for g, r in zip(got, ref):
+        np.testing.assert_array_equal(g, r)
 
 
 def ref_head(hidden, weight, targets, temperature):
@@ -466,7 +483,7 @@ def ref_head(hidden, weight, targets, temperature):
 def test_chunked_head_bfloat16_compute():
     hidden, weight, targets, _, _ = _head_inputs()
     # chunk_size > T: one chunk of T tokens.
-    lp, ent = jax.jit(lambda h, w: losses.token_logprobs_and_entropy(
+    lp, ent = jax.jit(lambda h, w: logprobs.token_logprobs_and_entropy(
         h, w, targets, chunk_size=64, compute_dtype=jnp.bfloat16))(hidden, weight)
     assert lp.dtype == ent.dtype == jnp.float32
     # Only the matmul inputs are rounded to bfloat16; the rest is float32.

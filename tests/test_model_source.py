@@ -97,21 +97,22 @@ def test_uncached_hub_id_offline_is_a_one_line_error(offline_cache, tmp_path):
         resolve_model_dir(f"{REPO}@v9")             # cached repo, uncached revision
 
     # The trainer accepts a hub id in its config and fails on it with the same line.
-    from rlver_jax.trainer import ConfigError, Trainer, validate_config
+    from rlver_jax.config_checks import ConfigError, validate_config
+    from rlver_jax.train import train
     from tests.test_train import small_config
     c = small_config(1)
     c.policy.hf_dir = "nobody/missing"
     validate_config(c)
     with pytest.raises(ConfigError, match="^config.policy.hf_dir: hub model nobody/missing"):
-        Trainer(c, str(tmp_path / "w"))
+        train(c, str(tmp_path / "w"))
     c.policy.hf_dir = "/nonexistent/qwen"
     with pytest.raises(ConfigError, match="model directory not found: /nonexistent/qwen"):
         validate_config(c)
 
-    # evaluate: --hf_model and --simulator_hf_dir
+    # evaluate: --hf_model and config.simulator.hf_dir
     from tests.test_evaluate import run_cli
     for flag in ("--hf_model=nobody/missing", f"--hf_model={REPO}"):
-        extra = [] if "missing" in flag else ["--simulator_hf_dir=nobody/missing"]
+        extra = [] if "missing" in flag else ["--config.simulator.hf_dir=nobody/missing"]
         rc, _, err = run_cli(flag, *extra, "--profiles=en_eval", f"--out={tmp_path / 'e'}")
         assert rc == 1
         [line] = err.strip().splitlines()

@@ -217,7 +217,7 @@ def test_single_process_and_host_shard():
 
 def test_process_layout_errors_name_the_key():
     from configs import tiny
-    from rlver_jax.trainer import ConfigError, validate_process_layout
+    from rlver_jax.config_checks import ConfigError, validate_process_layout
     c = tiny.get_config()  # 16 dialogues in groups of 4: 4 profiles per step
     validate_process_layout(c, 1, False)
     validate_process_layout(c, 4, True)

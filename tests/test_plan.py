@@ -8,9 +8,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from rlver_jax import plan as plan_lib
+from rlver_jax import plan_memory
 from rlver_jax import sharding as shd
 from rlver_jax.models import Qwen2, create_model, get_preset
 from rlver_jax.rl.update import init_train_state, make_optimizer
@@ -32,7 +34,7 @@ def test_planned_bytes_match_allocated():
     config = get_preset("tiny")
     mesh = shd.make_mesh((2, 2, 2))
     rules = shd.get_rules("fsdp_tensor")
-    planned = plan_lib.plan_update(config, mesh, rules, batch=8, seq_len=32, micro_batch=0)
+    planned = plan_memory.plan_update(config, mesh, rules, batch=8, seq_len=32, micro_batch=0)
 
     model = create_model(config, 0, mesh=mesh)
     tx = make_optimizer(1e-6, 1000)
@@ -59,7 +61,19 @@ def test_settings_from_config_file():
     assert s.policy_preset == "tiny" and s.simulator_preset == "tiny"
     assert s.mesh_shape == (2, 2, 2) and s.batch == 8 and s.seq_len == 64
     assert s.turn_tokens == 16 and not s.critic and not s.reference
-    assert s.simulator_new_tokens == 16 and s.simulator_prompt_tokens is None
+    assert s.simulator_new_tokens == 16 and s.simulator_prompt_tokens == 48
+    assert s.policy_prefill_tokens == plan_lib.DEFAULT_PREFILL_TOKENS
+    # As the trainer decides: PPO trains a critic, a KL term needs the reference model, a
+    # rule user has no simulator model, and mini-batches split the dialogues.
+    config = module.get_config()
+    config.rl.algorithm, config.rl.kl_loss_coef, config.rl.mini_batches = "ppo", 0.1, 2
+    config.simulator.kind = "rule"
+    s = plan_lib.settings_from_config(config, policy_prefill_tokens=128)
+    assert s.critic and s.reference and s.simulator_preset is None
+    assert s.batch == 4 and s.policy_prefill_tokens == 128
+    del config.rl["mini_batches"]
+    with pytest.raises(ValueError, match="config.rl.mini_batches: missing"):
+        plan_lib.settings_from_config(config)
 
 
 def test_cli_json_on_fake_devices():
@@ -103,5 +117,5 @@ def test_cpu_weight_upcast_is_the_float32_copy_of_the_layer_kernels():
         state = nnx.state(nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0))))
         weights = shd.abstract_with_shardings(state, shd.tree_shardings(state, mesh, rules))
         kernels = {n: v for n, v in weights["layers"].items() if len(v.shape) >= 3}
-        upcast = plan_lib.cpu_weight_upcast(config, mesh, rules, weights)
+        upcast = plan_memory.cpu_weight_upcast(config, mesh, rules, weights)
         assert upcast == factor * shd.bytes_per_device(kernels)

@@ -26,9 +26,9 @@ import pytest
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED, load_profiles
-from rlver_jax.env.rollout import (DialogueRollout, RolloutSettings, Sample, collate,
-                                   dialogue_record)
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, Sample, dialogue_record
 from rlver_jax.env.users import Analysis, LLMUser, RuleUser, SimulatorSampling, UserReply
+from rlver_jax.rl.batching import collate
 from rlver_jax.sampling import SampleOutput
 from rlver_jax.tokenizer import IM_END, ChatTokenizer
 from tests.scripted_user import ScriptedGenerator
@@ -812,38 +812,7 @@ def test_emotion_state_machine_per_preset(tok, preset, start, max_turns):
 
 
 # ============================================================================= collate
-def test_collate_shapes_padding_and_rewards():
-    samples = [
-        Sample("a", 0, tokens=[5, 6, 7, 8, 9], loss_mask=[0, 0, 1, 1, 0],
-               logprobs=[0, 0, -1.0, -2.0, 0], raw_logprobs=[0, 0, -1.5, -2.5, 0], reward=0.7),
-        Sample("b", 0, tokens=list(range(10, 30)), loss_mask=[0] * 5 + [1] * 3 + [0] * 4
-               + [1] * 8, logprobs=[0.0] * 20, raw_logprobs=[0.0] * 20, reward=0.2),
-        Sample("c", 3, tokens=[1, 2, 3], loss_mask=[0, 0, 0], logprobs=[0.0] * 3,
-               raw_logprobs=[0.0] * 3, reward=0.5),
-    ]
-    out = collate(samples, pad_id=99)
-    assert out["tokens"].shape == (3, 32)  # longest 20 -> next power of two
-    for key in ("attention_mask", "loss_mask", "sampler_logprobs", "sampler_raw_logprobs",
-                "rewards"):
-        assert out[key].shape == (3, 32)
-    assert out["tokens"].dtype == np.int32 and out["rewards"].dtype == np.float32
-    np.testing.assert_array_equal(out["tokens"][0], [5, 6, 7, 8, 9] + [99] * 27)
-    np.testing.assert_array_equal(out["attention_mask"].sum(1), [5, 20, 3])
-    np.testing.assert_array_equal(out["loss_mask"][1, :20], samples[1].loss_mask)
-    assert out["loss_mask"][:, 20:].sum() == 0
-    np.testing.assert_allclose(out["sampler_logprobs"][0, :5], [0, 0, -1, -2, 0])
-    np.testing.assert_allclose(out["sampler_raw_logprobs"][0, :5], [0, 0, -1.5, -2.5, 0])
-    # The reward sits on the last policy token only (not on the trailing non-policy token).
-    expected = np.zeros((3, 32), np.float32)
-    expected[0, 3], expected[1, 19] = 0.7, 0.2
-    np.testing.assert_allclose(out["rewards"], expected)
-    np.testing.assert_allclose(out["scores"], [0.7, 0.2, 0.5])
-    np.testing.assert_array_equal(out["group_ids"], [0, 0, 3])
-    # Widths are powers of two, at least `length_multiple`.
-    assert collate(samples[:1], pad_id=0)["tokens"].shape == (1, 16)
-    assert collate(samples[:1], pad_id=0, length_multiple=64)["tokens"].shape == (1, 64)
-    with pytest.raises(ValueError, match="max_length"):
-        collate(samples, pad_id=0, max_length=16)
+# (the collate unit test is in tests/test_batching.py)
 
 
 def test_collate_of_real_samples(real_runs, tok):

@@ -140,8 +140,7 @@ def test_rules_presets_and_config_overrides():
         shd.get_rules("nope")
     with pytest.raises(KeyError, match="unknown mesh axis"):
         shd.get_rules({"mlp": "model"})
-    assert dict(shd.mesh_from_config(type("M", (), {"shape": (2, -1, 2)})).shape) == \
-        {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(shd.make_mesh((2, -1, 2)).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_reshard_round_trip_keeps_values():

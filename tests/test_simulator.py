@@ -351,6 +351,44 @@ def test_templates_fill_every_placeholder():
                 assert "{" not in text and "}" not in text and "<<<USER>>>" not in text
 
 
+def test_knob_tables_cover_every_setting_and_keep_spaces():
+    from rlver_jax.env import templates
+
+    tables = {lang: templates._knob_table(lang) for lang in sim.LANGUAGES}
+    assert tables["en"].keys() == tables["zh"].keys()
+    for lang in sim.LANGUAGES:
+        for reserve in sim.RESERVE_LEVELS:
+            assert templates.knob_text(lang, f"acceptance.{reserve}")
+            assert templates.knob_text(lang, f"reserve.{reserve}")
+        for level in [name for name, _ in sim.EMOTION_LEVELS] + [sim.FAIL_LEVEL]:
+            assert level in templates.knob_text(lang, f"level.{level}")
+    # Spaces at either end of an entry are part of it.
+    assert templates.knob_text("en", "trait_separator") == ", "
+    assert templates.knob_text("en", "passive_rule").startswith(" You are a passive person")
+    assert templates.knob_text("zh", "topic_clause") == "（{topic}）"
+    with pytest.raises(ValueError, match=r"knobs_en\.txt has no entry \[nope\]"):
+        templates.knob_text("en", "nope")
+
+
+def test_knob_table_format(tmp_path, monkeypatch):
+    from rlver_jax.env import templates
+
+    (tmp_path / "knobs_xx.txt").write_text(
+        "preamble [not.read]\n[a]\n  two spaces, \nsecond line\n\n\n[b]\nlast", encoding="utf-8"
+    )
+    (tmp_path / "knobs_yy.txt").write_text("[a]\n1\n[a]\n2\n", encoding="utf-8")
+    monkeypatch.setattr(templates, "PROMPT_DIR", tmp_path)
+    templates._knob_table.cache_clear()
+    try:
+        assert templates._knob_table("xx") == {"a": "  two spaces, \nsecond line", "b": "last"}
+        with pytest.raises(ValueError, match=r"knobs_yy\.txt:3: entry \[a\] appears twice"):
+            templates._knob_table("yy")
+        with pytest.raises(ValueError, match="no knob table for language 'zz'"):
+            templates._knob_table("zz")
+    finally:
+        templates._knob_table.cache_clear()
+
+
 # --- parsing -----------------------------------------------------------------------------
 
 FULL = "Intent: comfort\nFit: fair\nInner reaction: ok\nFeeling: calmer\nEmotion change: +5"

@@ -115,17 +115,17 @@ def test_train_resume_export_evaluate_round_trip_through_gs(gcs, tmp_path):
     from rlver_jax import evaluate, export
     from rlver_jax.checkpoint import Checkpointer
     from rlver_jax.metrics import read_metrics
-    from rlver_jax.trainer import Trainer
+    from rlver_jax.train import train
     from tests.test_train import comparable, small_config
 
-    straight = Trainer(small_config(3), str(tmp_path / "straight")).run()
+    straight = train(small_config(3), str(tmp_path / "straight")).history
     run = storage.join(gcs, "run")
     config = small_config(2)
     config.log.plots = True
-    Trainer(config, run).run()                 # stops after step 1, checkpoint at 2
+    train(config, run)                         # stops after step 1, checkpoint at 2
     config.total_steps = 3
-    trainer = Trainer(config, run)             # a new process would do the same
-    tail = trainer.run()                       # resumes from gs://
+    resumed = train(config, run)               # a new process would do the same
+    tail = resumed.history                     # resumed from gs://
     assert [r["step"] for r in tail] == [2]
 
     workdir = storage.path(run)
@@ -163,15 +163,16 @@ def test_train_resume_export_evaluate_round_trip_through_gs(gcs, tmp_path):
     assert json.loads((exported / "config.json").read_text())["model_type"] == "qwen2"
     from safetensors.numpy import load as load_safetensors
     weights = load_safetensors((exported / "model.safetensors").read_bytes())
-    trained = np.asarray(trainer.policy_state.params["embed"][...])
+    trained = np.asarray(resumed.states.policy.params["embed"][...])
     np.testing.assert_array_equal(weights["model.embed_tokens.weight"], trained)
 
     eval_out = storage.join(gcs, "eval")
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         rc = evaluate.main(["rlver_jax.evaluate", "--quiet", f"--workdir={run}",
-                            "--profiles=en_eval", "--max_dialogues=2", "--max_turn_tokens=8",
-                            "--max_dialogue_tokens=1024", f"--out={eval_out}"])
+                            "--profiles=en_eval", "--config.max_dialogues=2",
+                            "--config.rollout.max_turn_tokens=8",
+                            "--config.rollout.max_dialogue_tokens=1024", f"--out={eval_out}"])
     assert rc == 0, err.getvalue()
     report_dir = storage.path(eval_out)
     report = json.loads((report_dir / "report.json").read_text())

@@ -14,7 +14,8 @@ import pytest
 
 from configs import tiny
 from rlver_jax.metrics import REQUIRED_KEYS, read_metrics
-from rlver_jax.trainer import ConfigError, Trainer
+from rlver_jax.config_checks import ConfigError
+from rlver_jax.train import train
 from tests.conftest import single_device_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def assert_same_records(a, b):
             np.testing.assert_allclose(rb[key], ra[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-# Resume of the GRPO default (a fresh Trainer continues a run exactly like a straight run)
+# Resume of the GRPO default (a second run continues the first exactly like a straight run)
 # is tested through a gs:// workdir in tests/test_storage.py; PPO's resume below.
 
 
@@ -139,24 +140,6 @@ def test_ppo_cli_trains_resumes_after_a_kill_and_exports_policy_and_critic(tmp_p
         assert hf["architectures"] == (["Qwen2ForCausalLM"] if kind == "policy"
                                        else ["Qwen2ForTokenClassification"])
         assert (out / "model.safetensors").stat().st_size > 0
-
-
-def test_think_mode_grpo_row_advantages_count_each_dialogue_once():
-    """In think mode a dialogue gives one training row per policy turn; its group's
-    statistics must count the dialogue once, and every row gets the dialogue's value."""
-    from types import SimpleNamespace
-    c = small_config(1)
-    rewards = {"d0": 0.2, "d1": 0.6, "d2": 0.5, "d3": 0.5}        # groups (d0, d1), (d2, d3)
-    turns = {"d0": 3, "d1": 1, "d2": 2, "d3": 1}
-    result = SimpleNamespace(
-        dialogues=[SimpleNamespace(dialogue_id=d) for d in rewards],
-        samples=[SimpleNamespace(dialogue_id=d) for d in rewards for _ in range(turns[d])])
-    fake = SimpleNamespace(config=c, rollout=SimpleNamespace(
-        final_reward=lambda st: rewards[st.dialogue_id]))
-    got = Trainer._grpo_row_advantages(fake, result, rows=8)
-    # (0.2 - 0.4) / (unbiased std 0.2 * sqrt(2) + 1e-6) = -0.70711; equal rewards give 0.
-    a = 0.2 / (0.2 * np.sqrt(2) + 1e-6)
-    np.testing.assert_allclose(got, [-a, -a, -a, a, 0, 0, 0, 0], rtol=1e-5, atol=1e-6)
 
 
 def test_sigterm_saves_a_restorable_checkpoint(tmp_path):
@@ -204,7 +187,7 @@ def test_bad_config_gives_a_clear_error(tmp_path, args, needle):
     ("rl.tis_cap", -1.0, "config.rl.tis_cap"),
 ])
 def test_bad_numerics_values_name_the_key(key, value, needle):
-    from rlver_jax.trainer import validate_config
+    from rlver_jax.config_checks import validate_config
     c = small_config(1)
     section, field = key.split(".")
     c[section][field] = value
@@ -218,45 +201,75 @@ def test_empty_profile_file_names_the_file(tmp_path):
     c = small_config(1)
     c.data.train_profiles = str(empty)
     with pytest.raises(ValueError, match="empty.jsonl"):
-        Trainer(c, str(tmp_path / "w"))
+        train(c, str(tmp_path / "w"))
     c.data.train_profiles = "no_such_set"
     with pytest.raises(ConfigError, match="no_such_set"):
-        Trainer(c, str(tmp_path / "w"))
+        train(c, str(tmp_path / "w"))
 
 
-def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(tmp_path):
-    c = small_config(6)
-    trainer = Trainer(c, str(tmp_path))
-    prepare = trainer._prepare
+def test_repeated_non_finite_updates_stop_the_run_and_keep_the_last_checkpoint(
+        tmp_path, monkeypatch):
+    from rlver_jax import step as stages
+    from rlver_jax.train import TrainingError
+    make_advantages = stages.make_advantages
 
-    def poisoned(*args):
-        batch, metrics = prepare(*args)
-        # From the second step on every advantage is NaN: the loss is NaN, updates skip.
-        if trainer._steps_prepared >= 1:
-            batch = batch.replace(advantages=batch.advantages * float("nan"))
-        trainer._steps_prepared += 1
-        return batch, metrics
+    def poisoned_factory(*args, **kwargs):
+        advantages = make_advantages(*args, **kwargs)
+        calls = []
 
-    trainer._steps_prepared = 0
-    trainer._prepare = poisoned
-    from rlver_jax.trainer import TrainingError
+        def poisoned(arrays, scores):
+            batch, metrics = advantages(arrays, scores)
+            # From the second step on every advantage is NaN: the loss is NaN, updates skip.
+            if calls:
+                batch = batch.replace(advantages=batch.advantages * float("nan"))
+            calls.append(1)
+            return batch, metrics
+        return poisoned
+
+    monkeypatch.setattr(stages, "make_advantages", poisoned_factory)
     with pytest.raises(TrainingError, match=r"3 consecutive steps.*last good checkpoint \(step 1\)"):
-        trainer.run()
+        train(small_config(6), str(tmp_path))
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["update/skipped"] for r in records] == [0.0, 1.0, 1.0]
     # Skipped steps wrote no checkpoint: the last one holds the last good parameters.
     assert sorted(int(s) for s in os.listdir(tmp_path / "checkpoints")) == [1]
 
 
-def test_tiny_policy_learns_against_the_rule_judge(tmp_path):
-    """The embedded default's promise: with a fixed seed the reward rises (TOY judge)."""
-    c = tiny.get_config()
-    c.total_steps = 30
-    c.mesh.shape = (1, 1, 1)
-    c.checkpoint.every = 1000
-    c.log.progress = False
-    c.log.plots = False
-    history = Trainer(c, str(tmp_path)).run()
-    rewards = [r["reward/mean"] for r in history]
+DEFAULT_RUN = ROOT / "tests" / "data" / "default_run_metrics.jsonl"
+# Keys that depend on wall time or on compilation caches, not on the computation.
+NONDETERMINISTIC_PREFIXES = TIMING_PREFIXES + ("compile/",)
+REPRODUCE_TOLERANCE = 1e-6  # abs and rel
+
+
+def assert_reproduces_default_run(records) -> None:
+    """Every deterministic key of every step as in tests/data/default_run_metrics.jsonl."""
+    expected = read_metrics(DEFAULT_RUN)
+    assert [r["step"] for r in records] == [r["step"] for r in expected]
+    for got, want in zip(records, expected):
+        got = {k: v for k, v in got.items() if not k.startswith(NONDETERMINISTIC_PREFIXES)}
+        assert sorted(got) == sorted(want), (want["step"], set(got) ^ set(want))
+        for key, value in want.items():
+            np.testing.assert_allclose(got[key], value, rtol=REPRODUCE_TOLERANCE,
+                                       atol=REPRODUCE_TOLERANCE, err_msg=f"step {want['step']}")
+
+
+def test_default_run_learns_and_reproduces_the_recorded_metrics(tmp_path):
+    """The embedded default's promise: with a fixed seed the reward rises (TOY judge). And
+    its numbers are pinned: `python -m rlver_jax.train` with no config flags reproduces
+    every deterministic key of every step of the run recorded before the trunk was
+    restructured, so a change that moves the computation fails here.
+
+    It runs as the recording did: the command, one device and XLA's default compiler
+    flags (the suite's cheaper LLVM passes move float32 results in the 7th digit)."""
+    env = {k: v for k, v in single_device_env().items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlver_jax.train", f"--workdir={tmp_path}",
+         "--config.log.progress=false", "--config.log.plots=false"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    rewards = [r["reward/mean"] for r in records]
     first, last = np.mean(rewards[:5]), np.mean(rewards[-5:])
     assert last > first + 0.1, (first, last, rewards)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["30", "40"]  # every 10, keep 2
+    assert_reproduces_default_run(records)

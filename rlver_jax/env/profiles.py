@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "CJK_RE",
     "HIDDEN_NEEDS",
     "OTHER_NEED",
     "PERSONALITIES",
@@ -367,7 +368,8 @@ def personality(profile: Profile | str) -> str:
 
 # --- language ----------------------------------------------------------------------------
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
+# CJK ideographs (the unified blocks and the compatibility block): what makes text Chinese.
+CJK_RE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 _LATIN = re.compile(r"[A-Za-z]")
 
 
@@ -378,6 +380,6 @@ def profile_language(profile: Profile) -> str:
     short English word, so a 1:4 ratio already means Chinese text with English names in it.
     """
     text = profile.player + profile.scene
-    cjk = len(_CJK.findall(text))
+    cjk = len(CJK_RE.findall(text))
     latin = len(_LATIN.findall(text))
     return "zh" if cjk * 4 >= latin and cjk > 0 else "en"

@@ -43,12 +43,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rlver_jax import distributed
+from rlver_jax import distributed, storage
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import hidden_need_category, personality
 from rlver_jax.env.users import mix_seed
-
-THINK_OPEN = "<think>"
+from rlver_jax.tokenizer import THINK_OPEN
 
 
 TRUNCATED_TURN_MODES = ("pass", "zero_reward", "mask")
@@ -157,8 +156,8 @@ class RolloutSummary:
             "reward/mean": _mean(rewards),
             "reward/std": float(rewards.std()) if len(rewards) else 0.0,
             "emotion/final_mean": _mean(final),
-            "emotion/success_frac": _mean(final >= 100),
-            "emotion/failure_frac": _mean(final < 10),
+            "emotion/success_frac": _mean(final >= sim.SUCCESS_EMOTION),
+            "emotion/failure_frac": _mean(final < sim.FAILURE_EMOTION),
             "turns/mean": _mean(self.turns),
             "tokens/policy": float(self.policy_tokens),
             "tokens/per_reply": float(self.policy_tokens / replies),
@@ -448,47 +447,6 @@ def dialogue_record(state: sim.DialogueState, step: int | None = None,
 
 
 def write_dialogues(path, states: Sequence[sim.DialogueState], step: int | None = None) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        for st in states:
-            f.write(json.dumps(dialogue_record(st, step), ensure_ascii=False) + "\n")
-
-
-# ------------------------------------------------------------------------ batching
-def collate(samples: Sequence[Sample], pad_id: int, length_multiple: int = 16,
-            max_length: int | None = None) -> dict[str, np.ndarray]:
-    """Right-padded numpy arrays [B, T] of a list of samples.
-
-    T is the longest sample rounded up to a power of two (at least `length_multiple`), so
-    update steps compile for few shapes. Keys: tokens, attention_mask, loss_mask,
-    sampler_logprobs, sampler_raw_logprobs, rewards (reward on the last policy token),
-    scores [B], group_ids [B].
-    """
-    from rlver_jax.sampling import next_power_of_two
-    longest = max((len(s.tokens) for s in samples), default=1)
-    width = next_power_of_two(longest, length_multiple)
-    if max_length is not None and longest > max_length:
-        raise ValueError(f"sample of {longest} tokens exceeds max_length={max_length}")
-    b = len(samples)
-    out = {
-        "tokens": np.full((b, width), pad_id, np.int32),
-        "attention_mask": np.zeros((b, width), np.int32),
-        "loss_mask": np.zeros((b, width), np.int32),
-        "sampler_logprobs": np.zeros((b, width), np.float32),
-        "sampler_raw_logprobs": np.zeros((b, width), np.float32),
-        "rewards": np.zeros((b, width), np.float32),
-        "scores": np.zeros((b,), np.float32),
-        "group_ids": np.zeros((b,), np.int32),
-    }
-    for i, s in enumerate(samples):
-        n = len(s.tokens)
-        out["tokens"][i, :n] = s.tokens
-        out["attention_mask"][i, :n] = 1
-        out["loss_mask"][i, :n] = s.loss_mask
-        out["sampler_logprobs"][i, :n] = s.logprobs
-        out["sampler_raw_logprobs"][i, :n] = s.raw_logprobs
-        policy_positions = np.flatnonzero(np.asarray(s.loss_mask))
-        if len(policy_positions):
-            out["rewards"][i, policy_positions[-1]] = s.reward
-        out["scores"][i] = s.reward
-        out["group_ids"][i] = s.group_id
-    return out
+    """Appends one `dialogue_record` line per dialogue to a jsonl file (local or gs://)."""
+    storage.append_text(path, "".join(json.dumps(dialogue_record(st, step), ensure_ascii=False)
+                                      + "\n" for st in states))

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from huggingface_hub import split_state_dict_into_shards_factory
 
 from rlver_jax.models.config import Qwen2Config
 from rlver_jax.models.qwen2 import DecoderStack, Qwen2, Qwen2Critic
@@ -25,6 +26,7 @@ from rlver_jax.sharding import param_shardings
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+SHARD_FILE_PATTERN = "model{suffix}.safetensors"   # suffix: "" or "-00001-of-00003"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
                    "tokenizer.model")
@@ -298,25 +300,18 @@ def save_hf(model: Qwen2 | Qwen2Critic, config: Qwen2Config, out_dir: str | os.P
                                 lambda: _to_host(model.value_kernel[...])[None])
         plan["score.bias"] = ((1,), lambda: _to_host(model.value_bias[...]).reshape(1))
 
-    # Greedy shard packing on known sizes; a tensor larger than the limit gets its own file.
-    shards: list[list[str]] = [[]]
-    size = 0
-    for name, (shape, _) in plan.items():
-        n = tensor_nbytes(shape, np_dtype)
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += n
+    # huggingface_hub's packing (what transformers' save_pretrained uses), on the known
+    # sizes: the tensors themselves are produced one at a time while writing.
+    split = split_state_dict_into_shards_factory(
+        {name: shape for name, (shape, _) in plan.items()},
+        get_storage_size=lambda shape: tensor_nbytes(shape, np_dtype),
+        filename_pattern=SHARD_FILE_PATTERN, max_shard_size=max_shard_bytes)
 
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out_dir, exist_ok=True)
     written = []
-    weight_map = {}
-    for k, names in enumerate(shards):
-        filename = (SINGLE_FILE if len(shards) == 1
-                    else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors")
+    for filename, names in split.filename_to_tensors.items():
         layout = {name: (plan[name][0], np_dtype) for name in names}
         if writer:
             write_safetensors(os.path.join(out_dir, filename), layout,
@@ -324,16 +319,14 @@ def save_hf(model: Qwen2 | Qwen2Critic, config: Qwen2Config, out_dir: str | os.P
         else:  # other processes still take part in the all-gathers
             for name in names:
                 plan[name][1]()
-        weight_map.update({name: filename for name in names})
         written.append(filename)
     if not writer:
         return written
 
-    if len(shards) > 1:
-        total = sum(tensor_nbytes(shape, np_dtype) for shape, _ in plan.values())
+    if split.is_sharded:
         with open(os.path.join(out_dir, INDEX_FILE), "w", encoding="utf-8") as f:
-            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f,
-                      indent=2, sort_keys=True)
+            json.dump({"metadata": split.metadata, "weight_map": split.tensor_to_filename},
+                      f, indent=2, sort_keys=True)
         written.append(INDEX_FILE)
     hf_config = config.to_hf_dict(dtype)
     if is_critic:

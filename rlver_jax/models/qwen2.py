@@ -66,10 +66,6 @@ def init_cache(config: Qwen2Config, batch_size: int, capacity: int,
         next_position=jnp.zeros((batch_size,), jnp.int32))
 
 
-def _param(rngs_or_none, shape, dtype, logical_axes, init):
-    return nnx.Param(init(rngs_or_none, shape, dtype), logical_axes=logical_axes)
-
-
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in float32, cast back to the input dtype before the scale (as HF Qwen2)."""
     x32 = x.astype(jnp.float32)

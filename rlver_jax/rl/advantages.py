@@ -1,6 +1,7 @@
 """Advantage estimators: GAE for PPO, group baselines (GRPO, Dr.GRPO, RLOO) for critic-free RL.
 
 Pure functions of arrays; every one jits. Shapes: B = batch (sequences), T = tokens.
+`compute` is what the training step calls: it picks the estimator of `rl.algorithm`.
 
 Multi-turn convention (see DESIGN.md): a dialogue is one sequence whose `mask` is 1 only on
 policy-generated tokens. User turns are gaps of zeros between policy turns; the outcome reward
@@ -8,6 +9,8 @@ sits on the last policy token. `gae` treats the gaps as if the tokens were not t
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -205,3 +208,54 @@ def broadcast_sequence_advantage(advantages: Array, mask: Array) -> Array:
     """
     m = jnp.asarray(mask).astype(jnp.float32)
     return jnp.asarray(advantages, jnp.float32)[:, None] * m
+
+
+# rl.algorithm -> whether it trains a critic (GAE) or uses a group baseline of outcome rewards.
+ALGORITHMS = ("ppo", "grpo", "rloo")
+CRITIC_ALGORITHMS = ("ppo",)
+
+
+def per_dialogue(estimator, scores: Array, group_ids: Array, dialogue_ids: Array) -> Array:
+    """Runs a group estimator over dialogues, not rows, and hands each row its dialogue's
+    advantage [B].
+
+    In think mode a dialogue has one row per turn (all with the dialogue's score and group)
+    and must count once in its group's statistics. `dialogue_ids` [B] are dense indices
+    in [0, B), -1 on padding rows (which get 0).
+    """
+    n = dialogue_ids.shape[0]
+    valid = dialogue_ids >= 0
+    # Slot n collects the padding rows; slots no dialogue uses join it in group -1, a group
+    # of its own that no row reads back.
+    slot = jnp.where(valid, dialogue_ids, n)
+    d_scores = jnp.zeros((n + 1,), jnp.float32).at[slot].set(scores.astype(jnp.float32))
+    d_groups = jnp.full((n + 1,), -1, jnp.int32).at[slot].set(
+        jnp.where(valid, group_ids, -1).astype(jnp.int32))
+    return jnp.where(valid, estimator(d_scores, d_groups)[slot], 0.0)
+
+
+def compute(algorithm: str, *, rewards: Array, loss_mask: Array, values: Array | None = None,
+            scores: Array | None = None, group_ids: Array | None = None,
+            dialogue_ids: Array | None = None, gamma: float = 1.0, lam: float = 1.0,
+            normalize_std: bool = True, whiten: bool = False) -> tuple[Array, Array]:
+    """The advantages [B, T] and returns [B, T] of a train batch under `algorithm`.
+
+    ppo: `gae` of the per-token `rewards` against the critic's `values`.
+    grpo: `grpo` of each dialogue's outcome `scores` within its `group_ids` (Dr.GRPO with
+      `normalize_std=False`), spread over the policy tokens; returns are 0 (no critic).
+    rloo: the same with the leave-one-out baseline (`rloo`).
+    `whiten` whitens the advantages over `loss_mask` (returns are taken before).
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm={algorithm!r}: expected one of {ALGORITHMS}")
+    if algorithm in CRITIC_ALGORITHMS:
+        advantages, returns = gae(rewards, values, loss_mask, gamma, lam)
+    else:
+        estimator = (functools.partial(grpo, normalize_std=normalize_std)
+                     if algorithm == "grpo" else rloo)
+        row = per_dialogue(estimator, scores, group_ids, dialogue_ids)
+        advantages = broadcast_sequence_advantage(row, loss_mask)
+        returns = jnp.zeros_like(advantages)
+    if whiten:
+        advantages = masked_whiten(advantages, loss_mask)
+    return advantages, returns

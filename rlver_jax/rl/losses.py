@@ -1,6 +1,7 @@
-"""PPO / GRPO losses, KL estimators, entropy and the chunked LM-head log-probs. Pure JAX.
+"""PPO / GRPO policy and value losses, truncated importance weights, KL estimators and the
+critic's explained variance. Pure JAX. (Log-probs and entropies of the LM head: logprobs.py.)
 
-Shapes: B = sequences, T = tokens, D = hidden size, V = vocabulary.
+Shapes: B = sequences, T = tokens.
 
 Exact gradient accumulation
 ---------------------------
@@ -43,8 +44,6 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
-
-from rlver_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -341,122 +340,6 @@ def kl_penalty(
         kl = jnp.exp(neg_d) - neg_d - 1.0
         return kl if k3_max is None else jnp.minimum(kl, k3_max)
     raise ValueError(f"unknown KL kind {kind!r}; expected one of {KL_KINDS}")
-
-
-def _logsumexp(z: Array) -> Array:
-    """Stable logsumexp over the last axis, [..., V] -> [...].
-
-    Plain max-shift form: `jax.nn.logsumexp` adds guards for all-(-inf) rows that these
-    callers never produce, and they cost seconds of XLA compile time on CPU.
-    """
-    shift = jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
-    return shift[..., 0] + jnp.log(jnp.sum(jnp.exp(z - shift), axis=-1))
-
-
-def entropy_from_logits(logits: Array) -> Array:
-    """Entropy of softmax(logits) over the last axis, in float32.
-
-    H = logsumexp(z) - sum_v softmax(z)_v z_v.
-
-    Logits of -inf (banned tokens) are allowed as long as one entry per row is finite.
-
-    Args:
-      logits: [..., V].
-
-    Returns:
-      [...] float32.
-    """
-    z = jnp.asarray(logits).astype(jnp.float32)
-    lse = _logsumexp(z)
-    probs = jnp.exp(z - lse[..., None])
-    # where(): 0 * -inf would be NaN for banned tokens; their contribution is 0.
-    return lse - jnp.sum(jnp.where(probs > 0, probs * z, 0.0), axis=-1)
-
-
-def _chunk_logprobs_and_entropy(
-    head_weight: Array, hidden: Array, targets: Array, temperature: Array, compute_dtype
-) -> tuple[Array, Array]:
-    """One chunk: BCD,DV->BCV logits in float32, then logp at targets and entropy, [B, C]."""
-    # On a mesh: rows stay split over the batch axes and the head is gathered over D (the
-    # FSDP way). Left to itself, XLA splits the contraction over D like the stored weight
-    # and reshards the activations by replicating them in full.
-    hidden = constrain(hidden, ("batch", "length", None))
-    head_weight = constrain(head_weight, (None, "vocab"))
-    logits = jnp.einsum(
-        "BCD,DV->BCV",
-        hidden.astype(compute_dtype),
-        head_weight.astype(compute_dtype),
-        preferred_element_type=jnp.float32,
-    )
-    logits = logits / temperature
-    lse = _logsumexp(logits)
-    # One-hot select rather than a gather: its backward is elementwise instead of a
-    # scatter, which compiles faster and maps well to TPU/GPU; the cost is V-sized
-    # elementwise work, which the softmax already pays.
-    vocab_ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    target_logit = jnp.sum(jnp.where(vocab_ids == targets[..., None], logits, 0.0), axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    entropy = lse - jnp.sum(probs * logits, axis=-1)
-    return target_logit - lse, entropy
-
-
-def token_logprobs_and_entropy(
-    hidden: Array,
-    head_weight: Array,
-    targets: Array,
-    chunk_size: int = 1024,
-    compute_dtype=None,
-    temperature: float | Array = 1.0,
-) -> tuple[Array, Array]:
-    """Log-probs of `targets` and entropies from the LM head, without the full [B, T, V].
-
-    The sequence is cut into chunks of `chunk_size` tokens (T is padded up to a multiple);
-    a `lax.scan` runs one rematerialised (`jax.checkpoint`) chunk at a time, so at most a
-    [B, chunk, V] float32 logits block is alive, in the forward and in the backward pass
-    (the backward recomputes each chunk's logits from the saved inputs). Peak extra memory
-    is about 3 * B * chunk * V * 4 bytes.
-
-        logits[b, t] = hidden[b, t] @ head_weight / temperature     (float32 accumulation)
-        logp[b, t]   = log_softmax(logits[b, t])[targets[b, t]]
-        entropy[b,t] = H(softmax(logits[b, t]))
-
-    Args:
-      hidden: [B, T, D] final hidden states (after the final norm).
-      head_weight: [D, V] LM-head matrix (for tied embeddings pass `embedding.T`).
-      targets: [B, T] int token ids (the next tokens; shift before calling).
-      chunk_size: tokens per chunk (static).
-      compute_dtype: dtype of the matmul inputs (e.g. bfloat16); default hidden.dtype. The
-        accumulation and everything after it are float32.
-      temperature: logits are divided by it (sampling temperature); may be traced.
-
-    Returns:
-      (logp, entropy), each [B, T] float32.
-    """
-    batch, length, _ = hidden.shape
-    compute_dtype = hidden.dtype if compute_dtype is None else jnp.dtype(compute_dtype)
-    chunk = max(1, min(int(chunk_size), length))
-    num_chunks = -(-length // chunk)
-    pad = num_chunks * chunk - length
-    targets = jnp.asarray(targets, jnp.int32)
-    if pad:
-        # Padded tokens use target 0; their outputs are sliced away below.
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # Chunk-major layout for the scan: [N, B, C, D] and [N, B, C].
-    hidden_chunks = hidden.reshape(batch, num_chunks, chunk, -1).swapaxes(0, 1)
-    target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
-    temperature = jnp.asarray(temperature, jnp.float32)
-
-    chunk_fn = jax.checkpoint(_chunk_logprobs_and_entropy, static_argnums=(4,))
-
-    def body(carry, xs):
-        h_c, t_c = xs
-        return carry, chunk_fn(head_weight, h_c, t_c, temperature, compute_dtype)
-
-    _, (logp, entropy) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
-    logp = logp.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
-    entropy = entropy.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]
-    return logp, entropy
 
 
 def explained_variance(values: Array, returns: Array, mask: Array) -> Array:

@@ -24,7 +24,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from rlver_jax.rl import logprobs as logprobs_lib
 from rlver_jax.rl import losses
+from rlver_jax.sharding import constrain
 
 Array = jax.Array
 
@@ -113,9 +115,9 @@ def shift_logprobs(model: nnx.Module, tokens: Array, attention_mask: Array, chun
                    temperature: float) -> tuple[Array, Array]:
     """Per-target log-probs and entropies [B, T] (column 0, which has no context, is 0)."""
     hidden, _ = model.hidden_states(tokens, attention_mask)
-    logp, entropy = losses.token_logprobs_and_entropy(
+    logp, entropy = logprobs_lib.token_logprobs_and_entropy(
         hidden[:, :-1], model.head_weight(), tokens[:, 1:], chunk_size=chunk,
-        compute_dtype=model.config.jnp_dtype, temperature=temperature)
+        compute_dtype=model.config.jnp_dtype, temperature=temperature, constrain=constrain)
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
     return pad(logp), pad(entropy)
 
@@ -256,12 +258,6 @@ class Updater:
         self._step_fn = policy_step if kind == "policy" else critic_step
         self._state_shardings = state_shardings
         self._step = None  # compiled on first use, with the state's shardings pinned
-        self._logprobs = jax.jit(
-            lambda params, tokens, mask: forward_logprobs(
-                self.graphdef, params, tokens, mask, settings.logprob_chunk,
-                settings.temperature))
-        self._values = jax.jit(
-            lambda params, tokens, mask: forward_values(self.graphdef, params, tokens, mask))
 
     def init_state(self, model: nnx.Module, mesh=None, rules=None) -> TrainState:
         """A fresh TrainState; on a mesh every leaf (Adam moments included) is laid out by
@@ -288,9 +284,6 @@ class Updater:
                 donate_argnums=(0,), out_shardings=(shardings, None))
         return self._step(state, batch)
 
-    def logprobs(self, params, tokens, mask):
-        return self._logprobs(params, tokens, mask)
-
     def forward_logprobs(self, params, tokens, mask):
         """Un-jitted: for use inside a caller's jitted function."""
         return forward_logprobs(self.graphdef, params, tokens, mask,
@@ -299,9 +292,6 @@ class Updater:
     def forward_values(self, params, tokens, mask):
         """Un-jitted: for use inside a caller's jitted function."""
         return forward_values(self.graphdef, params, tokens, mask)
-
-    def values(self, params, tokens, mask):
-        return self._values(params, tokens, mask)
 
     def model(self, state: TrainState) -> nnx.Module:
         """A module view of the current parameters (shares the arrays)."""

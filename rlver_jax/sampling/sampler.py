@@ -210,6 +210,18 @@ class Sampler:
         _, cache, _, _, stopped, toks, lps, raws = jax.lax.while_loop(cond, body, init)
         return toks, lps, raws, stopped, cache
 
+    # ---------------------------------------------------------- ahead of time
+    def lower_prefill(self, weights, cache, tokens, mask):
+        """The prefill program lowered for these arguments (arrays or sharded
+        ShapeDtypeStructs): compile and inspect it without running (rlver_jax.plan)."""
+        return self._prefill.lower(weights, cache, tokens, mask)
+
+    def lower_decode(self, weights, cache, logits, alive, keys, max_new, stop_ids,
+                     temperature, top_k, top_p, *, max_new_bucket):
+        """The decode program lowered for these arguments, as `lower_prefill`."""
+        return self._decode.lower(weights, cache, logits, alive, keys, max_new, stop_ids,
+                                  temperature, top_k, top_p, max_new_bucket=max_new_bucket)
+
     # -------------------------------------------------------------------- host API
     def _place(self, x):
         """Host rows [B_local, ...] -> a device batch (global over processes when the mesh

@@ -26,7 +26,8 @@ import pytest
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED, load_profiles
-from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, Sample, dialogue_record
+from rlver_jax.env.dialogue_log import dialogue_record
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, Sample
 from rlver_jax.env.users import Analysis, LLMUser, RuleUser, SimulatorSampling, UserReply
 from rlver_jax.rl.batching import collate
 from rlver_jax.sampling import SampleOutput

@@ -237,6 +237,12 @@ class Sampler:
         """This process's rows of a device batch."""
         return distributed.local_rows(x) if self.multiprocess else np.asarray(jax.device_get(x))
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process of the mesh (plain `bool` on one process):
+        callers' "is there work left" tests, so that every process keeps making the same
+        calls (env.generation.Generator)."""
+        return distributed.any_process(flag) if self.multiprocess else bool(flag)
+
     def _new_cache(self, batch, capacity):
         """An empty cache of `batch` (global) rows, created in place on the mesh: nothing
         of cache size is built on one device first."""

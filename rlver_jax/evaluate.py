@@ -36,7 +36,8 @@ from typing import Any, Callable, Sequence
 from rlver_jax import build, config_files, distributed
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED
-from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
+from rlver_jax.env.dialogue_log import dialogue_record
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings
 from rlver_jax.env.users import mix_seed
 from rlver_jax.eval_load import build_user, load_policy, load_tokenizer, model_dir, \
     resolve_profiles

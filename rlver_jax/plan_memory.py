@@ -41,7 +41,8 @@ from rlver_jax.models import Qwen2, Qwen2Critic, get_preset
 from rlver_jax.models.qwen2 import KVCache
 from rlver_jax.rl.update import (TrainBatch, UpdateSettings, critic_step, init_train_state,
                                  make_optimizer, policy_step)
-from rlver_jax.sampling.sampler import Sampler, next_power_of_two
+from rlver_jax.sampling.sampler import (EXTENSION_BLOCK, Sampler, capacity_bucket,
+                                        next_power_of_two)
 
 GiB = 1 << 30
 
@@ -61,8 +62,9 @@ class PlanSettings:
     simulator_attention: str = "auto"
     simulator_prompt_tokens: int | None = None  # None: seq_len - turn_tokens
     simulator_new_tokens: int | None = None     # None: turn_tokens
-    # Kept per dialogue across turns: two caches (analyzer, actor), each up to twice a
-    # fresh prefill's capacity (the sampler compacts past that).
+    # Kept per dialogue across turns: two caches (analyzer, actor). Each continuation
+    # compacts its cache to the kept tokens (at most the prompt cap), one extension block
+    # and the new tokens (`Sampler.generate`), so that is each cache's size.
     simulator_reuse_cache: bool = True
     critic: bool = False
     critic_dtype: str | None = None            # None: policy_dtype
@@ -183,12 +185,13 @@ def cpu_weight_upcast(config, mesh, rules, weights_in) -> int:
 
 
 def plan_sampler(config, mesh, rules, batch: int, prompt_len: int, new_tokens: int,
-                 capacity: int | None = None) -> dict[str, Any]:
+                 capacity: int | None = None, round_capacity: bool = True) -> dict[str, Any]:
     """Compiles the sampler's prefill and decode programs on abstract inputs.
 
     Shapes follow `Sampler.generate`: batch, prompt width and new-token count rounded up
     to powers of two; cache capacity the next power of two of max(`capacity`, width + new
-    tokens) (a continued dialogue grows its cache to the whole dialogue).
+    tokens) (a continued dialogue grows its cache to the whole dialogue), or with
+    `round_capacity=False` that maximum as it is (`capacity` already a sampler bucket).
     """
     model_abs = nnx.eval_shape(lambda: Qwen2(config, rngs=nnx.Rngs(0)))
     weights = nnx.state(model_abs)
@@ -196,7 +199,9 @@ def plan_sampler(config, mesh, rules, batch: int, prompt_len: int, new_tokens: i
     b = next_power_of_two(batch)
     width = next_power_of_two(prompt_len, 16)
     new_bucket = next_power_of_two(new_tokens)
-    capacity = next_power_of_two(max(capacity or 0, width + new_bucket))
+    capacity = max(capacity or 0, width + new_bucket)
+    if round_capacity:  # False: `capacity` is already a sampler bucket
+        capacity = next_power_of_two(capacity)
     cache_in = abstract_cache(config, mesh, rules, b, capacity)
     rows = lambda shape, dtype: jax.ShapeDtypeStruct(
         shape, dtype, sharding=shd.batch_sharding(mesh, len(shape), rules, b))
@@ -298,10 +303,17 @@ def plan(settings: PlanSettings, layout, device_memory_bytes: int | None = None
                                 "none").replace(attention=s.simulator_attention)
         sim_prompt = s.simulator_prompt_tokens or max(s.seq_len - s.turn_tokens, 1)
         sim_new = s.simulator_new_tokens or s.turn_tokens
-        fresh = next_power_of_two(next_power_of_two(sim_prompt, 16) + next_power_of_two(sim_new))
+        new_bucket = next_power_of_two(sim_new)
+        if s.simulator_reuse_cache:
+            # A compacted continuation: kept tokens (under the prompt cap) + one extension
+            # block + the new tokens. (A row whose kept tokens are near the cap while
+            # another row's extension is long can need more: rows share one write index.)
+            capacity = capacity_bucket(sim_prompt + EXTENSION_BLOCK + new_bucket)
+        else:
+            capacity = capacity_bucket(next_power_of_two(sim_prompt, 16) + new_bucket)
         streams = 2 if s.simulator_reuse_cache else 1
         sim = plan_sampler(sim_cfg, mesh, sampling_rules, sampling_batch, sim_prompt, sim_new,
-                           capacity=2 * fresh if s.simulator_reuse_cache else None)
+                           capacity=capacity, round_capacity=False)
         sim["kv_cache_streams"] = streams
         out["simulator"] = sim
         resident += sim["params"]

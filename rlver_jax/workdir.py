@@ -5,7 +5,7 @@ checkpoints/   Orbax steps: the trained states (`checkpoint_items`) and a JSON m
                resumes from the latest one
 metrics.jsonl  one record per step (`open_writer`; TensorBoard / W&B beside it)
 config.json    the run's config
-dialogues.jsonl  a few dialogues of every step (`rollout.write_dialogues`)
+dialogues.jsonl  a few dialogues of every step (`env.dialogue_log.write_dialogues`)
 plots/         training curves and emotion trajectories (`write_plots`)
 
 Process 0 writes metrics, logs and plots (`log.every_process` also writes each other
@@ -23,7 +23,7 @@ import ml_collections
 from rlver_jax import storage
 from rlver_jax.build import Components
 from rlver_jax.checkpoint import abstract_like
-from rlver_jax.env.rollout import write_dialogues
+from rlver_jax.env.dialogue_log import write_dialogues
 from rlver_jax.metrics import MetricWriter
 from rlver_jax.models import Qwen2Config
 from rlver_jax.rl.update import TrainState

@@ -260,11 +260,11 @@ def test_prefix_reuse_equals_fresh_call_and_grows_the_cache(models):
     assert cont.tokens == fresh.tokens
     np.testing.assert_allclose(np.concatenate(cont.raw_logprobs),
                                np.concatenate(fresh.raw_logprobs), atol=1e-5)
-    # The continuation appended to the old cache (more slots used than a fresh prefill)
-    # and grew it past its capacity bucket.
-    assert int(cont.state.cache.index) > int(fresh.state.cache.index)
+    # The continuation compacted the old cache (dropping the slots row 1 left after it
+    # stopped) into a larger one that holds exactly the cached tokens.
     assert cont.state.cache.capacity > capacity
-    assert any(key[0] == "grow" for key in sampler.compilations)
+    assert any(key[0] == "compact" for key in sampler.compilations)
+    assert_only_cached_slots_valid(cont.state)
 
     # A third turn with a 4th prompt: the batch's padding row must not be reused (it
     # holds a dummy token), so this falls back to a fresh prefill and still matches.
@@ -290,9 +290,8 @@ def test_rollback_continuation_equals_fresh_call(models):
     ]
     cont = sampler.generate(model, departed, 8, keep_state=True, previous=first.state)
     fresh = sampler.generate(model, departed, 8, keep_state=True)
-    assert any(key[0] == "rollback" for key in sampler.compilations)
-    cont_index = int(cont.state.cache.index)
-    assert cont_index > int(fresh.state.cache.index)  # continued, with holes
+    assert cont.prefill_tokens < fresh.prefill_tokens  # continued
+    assert_only_cached_slots_valid(cont.state)  # what was rolled back is gone
     assert cont.tokens == fresh.tokens
     np.testing.assert_allclose(np.concatenate(cont.raw_logprobs),
                                np.concatenate(fresh.raw_logprobs), atol=1e-5)
@@ -300,7 +299,8 @@ def test_rollback_continuation_equals_fresh_call(models):
     again = [p[:len(p) - 2] + new(4) for p in departed]
     a = sampler.generate(model, again, 8, previous=cont.state, keep_state=True)
     b = sampler.generate(model, again, 8)
-    assert int(a.state.cache.index) > cont_index and a.tokens == b.tokens
+    assert a.tokens == b.tokens and a.reused_tokens > 0
+    assert_only_cached_slots_valid(a.state)
 
     # Less than half of a new prompt in common: a fresh prefill, not a continuation.
     unrelated = [p[:2] + new(20) for p in prompts]
@@ -377,9 +377,21 @@ def test_bfloat16_generation_runs_and_mostly_agrees(models):
     assert np.mean(first16 == first32) >= 0.75
 
 
-def test_continuations_compact_a_cache_full_of_holes(models):
-    """Each turn keeps one generated token and drops the rest: holes pile up until the
-    cache would exceed twice what a fresh prefill needs, and the sampler starts over."""
+def assert_only_cached_slots_valid(state):
+    """Every used row's valid slots are exactly the slots of its cached tokens: no hole
+    (padding, rolled-back or never-fed slot) is left marked valid."""
+    valid = np.asarray(state.cache.valid)
+    for row, (tokens, slots) in enumerate(zip(state.cached_tokens, state.cached_slots)):
+        if tokens is not None:
+            assert len(slots) == len(tokens)
+            np.testing.assert_array_equal(np.flatnonzero(valid[row]), sorted(slots))
+
+
+def test_continuations_reclaim_the_dead_slots(models):
+    """Each turn keeps one generated token and drops the other 15: the dead slots must not
+    pile up. Compaction puts the kept tokens back to back, so the write index grows by
+    what the prompts grow by (4 tokens a turn), not by the 16-slot prompt block and the
+    15 decode slots each call takes, and the capacity stays near a fresh prefill's."""
     path, _, config, model, sampler = models["gqa2-untied"]
     rng = np.random.default_rng(11)
     prompts = random_prompts(rng, config.vocab_size, [10, 6])
@@ -390,9 +402,37 @@ def test_continuations_compact_a_cache_full_of_holes(models):
                    for p, t in zip(prompts, out.tokens)]
         fresh = sampler.generate(model, prompts, 16, keep_state=True)
         out = sampler.generate(model, prompts, 16, keep_state=True, previous=out.state)
-        assert out.tokens == fresh.tokens
+        assert out.tokens == fresh.tokens and out.prefill_tokens == 2 * 3
         assert out.state.cache.capacity <= 2 * fresh.state.cache.capacity
+        assert_only_cached_slots_valid(out.state)
         indices.append(int(out.state.cache.index))
-    # Some turns continued (the index grew), at least one started over (it fell back).
-    steps = np.diff(indices)
-    assert (steps > 0).any() and (steps < 0).any(), indices
+    np.testing.assert_array_equal(np.diff(indices), 4)
+
+
+def test_capacity_bucket():
+    from rlver_jax.sampling.sampler import capacity_bucket
+
+    assert [capacity_bucket(n) for n in (1, 5, 8, 9, 2049, 2560, 2561, 4096)] == [
+        1, 5, 8, 10, 2560, 2560, 3072, 4096]
+    assert capacity_bucket(2049, per_octave=1) == 4096
+
+
+def test_long_extensions_are_prefilled_in_blocks(models):
+    """An extension longer than `extension_block` is fed in whole blocks of that width
+    (the cache needs room for the suffix plus under one block, not its power of two), and
+    samples what a fresh prefill samples."""
+    path, _, config, model, _ = models["gqa2-untied"]
+    sampler = Sampler(model, extension_block=16)
+    rng = np.random.default_rng(13)
+    prompts = random_prompts(rng, config.vocab_size, [9, 4])
+    first = sampler.generate(model, prompts, 4, keep_state=True)
+    longer = [p + t + random_prompts(rng, config.vocab_size, [n])[0]
+              for p, t, n in zip(prompts, first.tokens, [35, 20])]
+    cont = sampler.generate(model, longer, 4, previous=first.state, keep_state=True)
+    widths = {key[1][1] for key in sampler.compilations if key[0] == "prefill"}
+    assert widths == {16}  # the first prompts' block and three extension blocks
+    assert cont.tokens == sampler.generate(model, longer, 4).tokens
+    assert cont.prefill_tokens == 35 + 20 + 2  # and each row's last sampled token
+    assert_only_cached_slots_valid(cont.state)
+    with pytest.raises(ValueError, match="extension_block=24 must be a power of two"):
+        Sampler(model, extension_block=24)

@@ -8,7 +8,8 @@ import pytest
 
 from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import SHIPPED, load_profiles
-from rlver_jax.env.rollout import DialogueRollout, RolloutSettings, dialogue_record
+from rlver_jax.env.dialogue_log import dialogue_record
+from rlver_jax.env.rollout import DialogueRollout, RolloutSettings
 from rlver_jax.rl.batching import collate
 from rlver_jax.env.users import RuleUser
 from rlver_jax.tokenizer import IM_END, ChatTokenizer

@@ -17,6 +17,11 @@ CONFIG = get_preset("tiny", vocab_size=61, hidden_size=32, intermediate_size=48,
                     num_heads=4, num_kv_heads=2)
 
 
+def logprobs(updater, state, batch):
+    """The trainer-side log-probs and entropies of a batch under the state's parameters."""
+    return jax.jit(updater.forward_logprobs)(state.params, batch.tokens, batch.attention_mask)
+
+
 def make_batch(seed=0, batch=4, length=12):
     rng = np.random.default_rng(seed)
     tokens = rng.integers(0, CONFIG.vocab_size, size=(batch, length)).astype(np.int32)
@@ -57,7 +62,7 @@ def test_micro_batching_equals_full_batch(agg_mode):
         # ~sign(grad), which would hide or exaggerate rounding-level differences).
         updater = Updater(model, optax.sgd(1.0), settings)
         state = updater.init_state(model)
-        old_logp, _ = updater.logprobs(state.params, batch.tokens, batch.attention_mask)
+        old_logp, _ = logprobs(updater, state, batch)
         b = dataclasses.replace(batch, old_logp=old_logp)
         new_state, metrics = updater.step(state, b)
         results[micro] = (jax.tree.leaves(new_state.params), metrics)
@@ -82,7 +87,7 @@ def test_steps_raise_objective_and_positive_token_logprobs(algo):
             batch, advantages=adv_lib.broadcast_sequence_advantage(seq_adv, batch.loss_mask))
     updater = Updater(model, make_optimizer(3e-3, 100), UpdateSettings(entropy_coef=0.0))
     state = updater.init_state(model)
-    old_logp, _ = updater.logprobs(state.params, batch.tokens, batch.attention_mask)
+    old_logp, _ = logprobs(updater, state, batch)
     batch = dataclasses.replace(batch, old_logp=old_logp)
     mask = np.asarray(batch.loss_mask) > 0
     pos = mask & (np.asarray(batch.advantages) > 0)
@@ -93,7 +98,7 @@ def test_steps_raise_objective_and_positive_token_logprobs(algo):
     for _ in range(4):
         state, metrics = updater.step(state, batch)
         assert float(metrics["skipped"]) == 0
-    after, _ = updater.logprobs(state.params, batch.tokens, batch.attention_mask)
+    after, _ = logprobs(updater, state, batch)
     after = np.asarray(after)
     assert after[pos].mean() > before[pos].mean() + 1e-3
     assert after[neg].mean() < before[neg].mean() - 1e-3
@@ -125,7 +130,8 @@ def test_critic_step_reduces_value_loss():
     batch = dataclasses.replace(batch, returns=returns)
     losses = []
     for _ in range(5):
-        old_values = updater.values(state.params, batch.tokens, batch.attention_mask)
+        old_values = jax.jit(updater.forward_values)(state.params, batch.tokens,
+                                                        batch.attention_mask)
         batch = dataclasses.replace(batch, old_values=old_values)
         state, metrics = updater.step(state, batch)
         losses.append(float(metrics["value_loss"]))

@@ -19,8 +19,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Sequence
 
-from rlver_jax import distributed
 from rlver_jax.env import simulator as sim
+from rlver_jax.env.generation import Generator, any_process_of
 from rlver_jax.env.rule_judge import RuleJudge
 
 
@@ -120,7 +120,7 @@ class LLMUser:
 
     name = "llm"
 
-    def __init__(self, settings: sim.SimulatorSettings, model, tokenizer, sampler,
+    def __init__(self, settings: sim.SimulatorSettings, model, tokenizer, sampler: Generator,
                  sampling: SimulatorSampling = SimulatorSampling()):
         self.settings = settings
         self.model = model
@@ -132,7 +132,7 @@ class LLMUser:
         # Multi-host: every process must make the same simulator calls (see the sampler),
         # so "is there work left" is decided over all processes.
         self._multiprocess = getattr(sampler, "multiprocess", False)
-        self._any = distributed.any_process if self._multiprocess else bool
+        self._any = any_process_of(sampler)
 
     def release(self) -> None:
         """Drops the kept caches (the rollout calls it when its dialogues are over, so the

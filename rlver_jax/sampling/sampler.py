@@ -1,7 +1,7 @@
 """Batched autoregressive sampling with a KV cache: jitted prefill and while-loop decode.
 
-Prompts are left padded into a [B, T] block; batch size, prompt length, number of new
-tokens and cache capacity are rounded up to powers of two, so a long run compiles a small,
+Prompts are left padded into a [B, T] block; batch size, prompt length and number of new
+tokens are rounded up to powers of two and cache capacity to `capacity_bucket`s, so a long run compiles a small,
 bounded set of programs (`Sampler.compilations` counts them). Temperature, top-p and top-k
 are traced scalars: changing them never recompiles. Weights are arguments of the jitted
 functions, never constants, so the same programs serve updated policy weights.
@@ -10,10 +10,13 @@ Continuation: `generate(..., previous=state)` appends only the new suffix of eac
 to the cache that the previous call left. A prompt that extends its row's cached tokens
 (multi-turn dialogues grow by one turn at a time) keeps them all; a prompt that departs
 from them part-way (think mode: the next prompt drops the old thought) rolls the row back
-to the common prefix — the slots after it are marked invalid, leaving holes the attention
-mask skips — when that prefix is at least half of the new prompt. A cache that holes and
-unused decode slots have made more than twice as large as a fresh prefill would need is
-dropped for a fresh prefill, which bounds its memory.
+to the common prefix, when that prefix is at least half of the new prompt. Each
+continuation first compacts the cache: every row's kept tokens are gathered, in order,
+into the slots right before one common write index, so the slots that earlier calls left
+dead (left padding, decode steps after a row stopped, rolled-back text) are reclaimed
+and never attended over again. The compacted cache is sized to this call
+(`capacity_bucket` of kept + prompt block + new tokens), so its size follows what the
+dialogue holds, not how many turns it took to get there.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -35,33 +38,12 @@ from flax import nnx
 
 from rlver_jax import distributed
 from rlver_jax.models.qwen2 import KVCache, init_cache
+from rlver_jax.sampling import continuation
+from rlver_jax.sampling.continuation import (  # noqa: F401  (re-exported)
+    CAPACITY_BUCKETS_PER_OCTAVE, EXTENSION_BLOCK, SamplerState, capacity_bucket, kept_prefix,
+    next_power_of_two)
 
 NO_TOKEN = -1
-
-
-def next_power_of_two(n: int, minimum: int = 1) -> int:
-    n = max(int(n), minimum, 1)
-    return 1 << (n - 1).bit_length()
-
-
-@dataclasses.dataclass
-class SamplerState:
-    """What a call leaves behind for a continuation: the cache and, per row, the tokens in it."""
-
-    cache: KVCache
-    # None marks a row that cannot be continued: a padding row (it holds a dummy token) or
-    # a row that the last call did not use (its slots may hold another call's tokens).
-    cached_tokens: list[list[int] | None]
-    # Per row, the cache slot of each cached token (rows have holes after a roll-back).
-    cached_slots: list[list[int] | None]
-
-
-def kept_prefix(prompt: Sequence[int], cached: Sequence[int]) -> int:
-    """How many cached tokens a continuation keeps: the common prefix of the prompt and the
-    cached tokens, leaving at least one prompt token to feed (its logits start sampling)."""
-    limit = min(len(prompt) - 1, len(cached))
-    differ = np.flatnonzero(np.asarray(prompt[:limit]) != np.asarray(cached[:limit]))
-    return int(differ[0]) if len(differ) else limit
 
 
 @dataclasses.dataclass
@@ -138,22 +120,33 @@ class Sampler:
     """Keeps compiled prefill / decode programs for one model architecture (and mesh)."""
 
     def __init__(self, model: nnx.Module, *, min_prompt_bucket: int = 16,
-                 max_stop_tokens: int = 8, mesh=None, cache_dtype=None):
+                 max_stop_tokens: int = 8, mesh=None, cache_dtype=None,
+                 capacity_buckets_per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE,
+                 extension_block: int = EXTENSION_BLOCK):
+        if extension_block < min_prompt_bucket or extension_block & (extension_block - 1):
+            raise ValueError(f"Sampler: extension_block={extension_block} must be a power "
+                             f"of two >= min_prompt_bucket={min_prompt_bucket}")
         self.graphdef = nnx.graphdef(model)
         self.config = model.config
         self.min_prompt_bucket = min_prompt_bucket
         self.max_stop_tokens = max_stop_tokens
         self.mesh = mesh
         self.cache_dtype = cache_dtype
+        self.capacity_buckets_per_octave = capacity_buckets_per_octave
+        self.extension_block = extension_block
         self.compilations: collections.Counter = collections.Counter()
+        # Rows whose continuation dropped cached tokens (a prompt departing part-way).
+        self.rolled_back_rows = 0
         self.multiprocess = distributed.spans_processes(mesh)
         self._cache_inits: dict = {}
         self._prefill = jax.jit(self._prefill_impl, donate_argnums=(1,))
         self._decode = jax.jit(self._decode_impl, donate_argnums=(1,),
                                static_argnames=("max_new_bucket",))
-        # Not donated: the grown cache has a different shape, so XLA could not reuse it.
-        self._grow = jax.jit(self._grow_impl, static_argnames=("capacity",))
-        self._rollback = jax.jit(self._rollback_impl, donate_argnums=(0,))
+        # Donated only at an unchanged capacity: a resized cache has another shape, so XLA
+        # could not reuse the buffers (and would warn).
+        self._compact_same = jax.jit(self._compact_impl, donate_argnums=(0,),
+                                     static_argnames=("capacity",))
+        self._compact_resize = jax.jit(self._compact_impl, static_argnames=("capacity",))
         self._fork = jax.jit(self._fork_impl)
 
     # -------------------------------------------------------------- jitted programs
@@ -164,22 +157,9 @@ class Sampler:
         logits, cache = model(tokens, mask, cache=cache)
         return logits[:, -1], cache
 
-    def _grow_impl(self, cache, capacity):
-        self.compilations["grow", cache.k.shape, capacity] += 1
-        pad = capacity - cache.capacity
-        pad_kv = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
-        return KVCache(k=pad_kv(cache.k), v=pad_kv(cache.v),
-                       valid=jnp.pad(cache.valid, ((0, 0), (0, pad))),
-                       index=cache.index, next_position=cache.next_position)
-
-    def _rollback_impl(self, cache, rows, keep, positions):
-        """Rows [B] marked in `rows` keep only the slots marked in `keep` [B, S] and resume at
-        rotary position `positions` [B] (their number of kept tokens)."""
-        self.compilations["rollback", cache.valid.shape] += 1
-        return KVCache(k=cache.k, v=cache.v,
-                       valid=jnp.where(rows[:, None], cache.valid & keep, cache.valid),
-                       index=cache.index,
-                       next_position=jnp.where(rows, positions, cache.next_position))
+    def _compact_impl(self, cache, sources, valid, index, positions, *, capacity):
+        self.compilations["compact", cache.k.shape, capacity] += 1
+        return continuation.gather_slots(cache, sources, valid, index, positions)
 
     def _fork_impl(self, cache, sources):
         """Row i of the result is row sources[i] of `cache` (a gather over the batch)."""
@@ -257,6 +237,12 @@ class Sampler:
         """This process's rows of a device batch."""
         return distributed.local_rows(x) if self.multiprocess else np.asarray(jax.device_get(x))
 
+    def any_process(self, flag: bool) -> bool:
+        """Whether `flag` holds on any process of the mesh (plain `bool` on one process):
+        callers' "is there work left" tests, so that every process keeps making the same
+        calls (env.generation.Generator)."""
+        return distributed.any_process(flag) if self.multiprocess else bool(flag)
+
     def _new_cache(self, batch, capacity):
         """An empty cache of `batch` (global) rows, created in place on the mesh: nothing
         of cache size is built on one device first."""
@@ -315,6 +301,8 @@ class Sampler:
 
         # A continuation needs every active row (of every process) to have cached tokens
         # and to keep all of them (an extension) or at least half of its new prompt.
+        # Compaction (below) reclaims every dead slot, so a continued cache never needs
+        # more room than its kept tokens, the prompt block and the new tokens.
         keep: list[int] = [0] * n
         local_reuse = (previous is not None and len(previous.cached_tokens) >= n
                        and all(c is not None for p, c in zip(prompts, previous.cached_tokens)
@@ -329,41 +317,46 @@ class Sampler:
             agree_max(max((len(r) for r in rows), default=0)), self.min_prompt_bucket)
         whole = [[] if p is None else list(p) for p in prompts]
         if reuse:
+            batch = previous.cache.batch_size // processes  # this process's rows
             suffixes = [[] if p is None else list(p[k:]) for p, k in zip(prompts, keep)]
             width = width_of(suffixes)
-            # Holes and unused decode slots accumulate over continuations: past twice the
-            # capacity a fresh prefill of these prompts needs, start over (compacting).
-            fresh_capacity = next_power_of_two(width_of(whole) + max_new_bucket)
-            reuse = (next_power_of_two(int(previous.cache.index) + width + max_new_bucket)
-                     <= 2 * fresh_capacity)
-        if reuse:
-            batch = previous.cache.batch_size // processes  # this process's rows
-            cache = self._roll_back(previous.cache, batch, prompts, previous, keep)
+            if width > self.extension_block:  # whole blocks, none of them empty
+                longest = agree_max(max((len(x) for x in suffixes), default=0))
+                width = -(-longest // self.extension_block) * self.extension_block
+            # Rows that sit out keep everything they hold; rows past this call's prompts
+            # (an earlier call's padding or extra rows) are dropped.
+            kept = [k if p is not None else len(c or ())
+                    for p, c, k in zip(prompts, previous.cached_tokens, keep)]
+            kept += [0] * (batch - n)
+            self.rolled_back_rows += sum(
+                p is not None and k < len(c)
+                for p, c, k in zip(prompts, previous.cached_tokens, keep))
+            start = agree_max(max(kept, default=0))
+            capacity = capacity_bucket(start + width + max_new_bucket,
+                                       self.capacity_buckets_per_octave)
+            cache = continuation.compact(self, previous, batch, kept, start, capacity)
         else:
             batch = next_power_of_two(agree_max(n))
             suffixes = whole
             width = width_of(suffixes)
-            cache = None
+            cache, start, kept = None, 0, [0] * batch
         tokens = np.zeros((batch, width), np.int32)
         mask = np.zeros((batch, width), bool)
         for i, s in enumerate(suffixes):
             if s:
                 tokens[i, width - len(s):] = s
                 mask[i, width - len(s):] = True
+        # Rows with nothing to attend to (unused rows, padding rows) hold one dummy token.
+        unused = [i for i in range(batch) if kept[i] == 0 and (i >= n or not active[i])]
+        mask[unused, -1] = True
         if not reuse:
-            # Unused rows hold one dummy token so that no row attends to nothing.
-            unused = [i for i in range(batch) if i >= n or not active[i]]
-            mask[unused, -1] = True
-            capacity = next_power_of_two(width + max_new_bucket)
+            capacity = capacity_bucket(width + max_new_bucket, self.capacity_buckets_per_octave)
             cache = self._new_cache(batch * processes, capacity)
-            start = 0
-        else:
-            start = int(cache.index)
-            needed = start + width + max_new_bucket
-            if needed > cache.capacity:
-                cache = self._grow(cache, capacity=next_power_of_two(needed))
 
-        logits, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
+        block = self.extension_block if reuse else width
+        for b0 in range(0, width, block):
+            logits, cache = self._prefill(weights, cache, self._place(tokens[:, b0:b0 + block]),
+                                          self._place(mask[:, b0:b0 + block]))
         alive = np.zeros((batch,), bool)
         alive[:n] = active
         # One stream per global row; every process computes the same [B_global] keys.
@@ -390,14 +383,16 @@ class Sampler:
             # An unused row keeps what it held when this call continued a previous one.
             cached, slots = [], []
             for i, (p, t) in enumerate(zip(prompts, out_tokens)):
+                # Compaction put row i's kept tokens right before slot `start`.
+                head = list(range(start - kept[i], start))
                 if p is None:
                     cached.append(previous.cached_tokens[i] if reuse else None)
-                    slots.append(previous.cached_slots[i] if reuse else None)
+                    slots.append(head if reuse and previous.cached_tokens[i] is not None
+                                 else None)
                     continue
-                kept = previous.cached_slots[i][:keep[i]] if reuse else []
                 end = start + width
                 cached.append(list(p) + t[:-1])
-                slots.append(kept + list(range(end - len(suffixes[i]), end))
+                slots.append(head + list(range(end - len(suffixes[i]), end))
                              + list(range(end, end + len(t) - 1)))
             cached += [None] * (batch - n)
             slots += [None] * (batch - n)
@@ -410,84 +405,15 @@ class Sampler:
 
     def fork_prefill(self, model: nnx.Module, prefixes: Sequence[Sequence[int]],
                      sources: Sequence[int | None]) -> SamplerState:
-        """Prefills each prefix once and copies its cache row into every row that names it.
-
-        Row i of the returned state holds `prefixes[sources[i]]` (None: a row left unused),
-        ready for `generate(previous=...)`: a GRPO group's rows share their profile, so
-        their common prompt head is computed once per group instead of once per row.
-        Single-process meshes only (a multi-host caller prefills every row instead).
-        """
-        if self.multiprocess:
-            raise ValueError("fork_prefill: not available on a mesh that spans processes")
-        if not prefixes or any(len(p) == 0 for p in prefixes):
-            raise ValueError("fork_prefill: every prefix must hold at least one token")
-        bad = [s for s in sources if s is not None and not 0 <= s < len(prefixes)]
-        if bad:
-            raise ValueError(f"fork_prefill: source {bad[0]} outside 0..{len(prefixes) - 1}")
-        weights = nnx.state(model)
-        width = next_power_of_two(max(len(p) for p in prefixes), self.min_prompt_bucket)
-        groups = next_power_of_two(len(prefixes))
-        tokens = np.zeros((groups, width), np.int32)
-        mask = np.zeros((groups, width), bool)
-        for g, p in enumerate(prefixes):
-            tokens[g, width - len(p):] = p
-            mask[g, width - len(p):] = True
-        mask[len(prefixes):, -1] = True  # padding rows: one dummy token, as in generate
-        cache = self._new_cache(groups, width)
-        _, cache = self._prefill(weights, cache, self._place(tokens), self._place(mask))
-        batch = next_power_of_two(len(sources))
-        rows = np.zeros((batch,), np.int32)  # unused rows copy row 0; they are never continued
-        rows[:len(sources)] = [0 if s is None else s for s in sources]
-        cache = self._fork(cache, self._place(rows))
-        cached = [None if s is None else list(prefixes[s]) for s in sources]
-        slots = [None if s is None else list(range(width - len(prefixes[s]), width))
-                 for s in sources]
-        pad = [None] * (batch - len(sources))
-        return SamplerState(cache=cache, cached_tokens=cached + pad, cached_slots=slots + pad)
-
-    def _roll_back(self, cache: KVCache, batch: int, prompts, previous: SamplerState,
-                   keep: list[int]) -> KVCache:
-        """Invalidates, in rows whose prompt departs from their cached tokens, every slot
-        after the kept prefix. A no-op (no program runs) when no row of any process needs it."""
-        rows = np.zeros((batch,), bool)
-        slots_kept = np.zeros((batch, cache.capacity), bool)
-        positions = np.zeros((batch,), np.int32)
-        for i, (p, k) in enumerate(zip(prompts, keep)):
-            if p is not None and k < len(previous.cached_tokens[i]):
-                rows[i] = True
-                slots_kept[i, previous.cached_slots[i][:k]] = True
-                positions[i] = k
-        roll = distributed.any_process(rows.any()) if self.multiprocess else rows.any()
-        if not roll:
-            return cache
-        return self._rollback(cache, self._place(rows), self._place(slots_kept),
-                              self._place(positions))
+        """Prefills each prefix once and copies its cache row into every row that names it
+        (`continuation.fork_prefill`)."""
+        return continuation.fork_prefill(self, model, prefixes, sources)
 
     def fork_groups(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
                     groups: Sequence[Any]) -> tuple[SamplerState | None, int]:
-        """A state to continue `prompts` from in which rows with equal `groups` keys share
-        one prefill of their common prefix (`fork_prefill`), and the number of tokens that
-        prefill computed; (None, 0) when no group has two rows (nothing to share) or on a
-        mesh that spans processes."""
-        if self.multiprocess:
-            return None, 0
-        members: dict[Any, list[int]] = {}
-        for i, g in enumerate(groups):
-            members.setdefault(g, []).append(i)
-        if all(len(rows) == 1 for rows in members.values()):
-            return None, 0
-        prefixes, sources = [], [0] * len(prompts)
-        for rows in members.values():
-            first = prompts[rows[0]]
-            common = len(first) - 1  # the continuation feeds at least one token
-            for r in rows[1:]:
-                common = min(common, kept_prefix(prompts[r], first))
-            if common < 1:
-                return None, 0
-            for r in rows:
-                sources[r] = len(prefixes)
-            prefixes.append(list(first[:common]))
-        return self.fork_prefill(model, prefixes, sources), sum(len(p) for p in prefixes)
+        """A state in which rows with equal `groups` keys share one prefill of their common
+        prefix, and the tokens it computed (`continuation.fork_groups`)."""
+        return continuation.fork_groups(self, model, prompts, groups)
 
     @property
     def num_compilations(self) -> int:

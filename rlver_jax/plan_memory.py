@@ -265,7 +265,7 @@ def plan(settings: PlanSettings, layout, device_memory_bytes: int | None = None
     }
     policy = plan_update(policy_cfg, mesh, rules, s.batch, s.seq_len, s.micro_batch)
     policy.update(param_dtype=policy_cfg.param_dtype, dtype=policy_cfg.dtype)
-    # The sampler reads a copy of the policy in its compute dtype (Trainer.sampling_view);
+    # The sampler reads a copy of the policy in its compute dtype (build.sampling_view);
     # it shares the training arrays only when their dtype and layout are already those.
     sample_cfg = policy_cfg.replace(remat="none", param_dtype=policy_cfg.dtype)
     policy["sampler"] = plan_sampler(sample_cfg, mesh, sampling_rules, sampling_batch,

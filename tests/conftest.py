@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 
 # Compile time dominates tiny-model tests on CPU: cheaper LLVM passes cut it by ~25%, and
-# the persistent cache lets every later process (subprocess CLIs, the second Trainer of a
+# the persistent cache lets every later process (subprocess CLIs, the second run of a
 # resume test) reuse programs instead of compiling them again.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0 "
                       "--xla_llvm_disable_expensive_passes=true")

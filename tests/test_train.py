@@ -257,7 +257,9 @@ def test_default_run_learns_and_reproduces_the_recorded_metrics(tmp_path):
     """The embedded default's promise: with a fixed seed the reward rises (TOY judge). And
     its numbers are pinned: `python -m rlver_jax.train` with no config flags reproduces
     every deterministic key of every step of the run recorded before the trunk was
-    restructured, so a change that moves the computation fails here.
+    restructured (that code plus this stop's decode and cache-compaction changes, which
+    move float32 results in the 7th digit), so a change that moves the computation fails
+    here.
 
     It runs as the recording did: the command, one device and XLA's default compiler
     flags (the suite's cheaper LLVM passes move float32 results in the 7th digit)."""

@@ -107,7 +107,7 @@ def _ours_calls(sampler, model, prompts, new_tokens):
     import numpy as np
     from flax import nnx
 
-    from rlver_jax.sampling import next_power_of_two
+    from rlver_jax.sampling.continuation import capacity_bucket, next_power_of_two
 
     t0 = time.perf_counter()
     out = sampler.generate(model, prompts, new_tokens)
@@ -121,7 +121,8 @@ def _ours_calls(sampler, model, prompts, new_tokens):
     # The prefill alone, with the very shapes (already compiled) that generate uses.
     batch = next_power_of_two(len(prompts))
     width = next_power_of_two(max(map(len, prompts)), sampler.min_prompt_bucket)
-    capacity = next_power_of_two(width + next_power_of_two(new_tokens))
+    capacity = capacity_bucket(width + next_power_of_two(new_tokens),
+                               sampler.capacity_buckets_per_octave)
     tokens = np.zeros((batch, width), np.int32)
     tokens[:len(prompts), width - len(prompts[0]):] = prompts
     mask = tokens != 0

@@ -11,8 +11,6 @@ from rlver_jax.env import simulator as sim
 from rlver_jax.env.profiles import hidden_need_category, personality
 from rlver_jax.env.rollout import DialogueRollout
 
-final_reward = DialogueRollout.final_reward
-
 
 def dialogue_record(state: sim.DialogueState, step: int | None = None,
                     reward: float | None = None) -> dict[str, Any]:
@@ -46,7 +44,7 @@ def dialogue_record(state: sim.DialogueState, step: int | None = None,
     return {
         "step": step, "dialogue_id": state.dialogue_id, "profile_id": getattr(profile, "id", None),
         "need": need, "personality": kind, "final_emotion": state.emotion,
-        "reward": final_reward(state) if reward is None else reward,
+        "reward": DialogueRollout.final_reward(state) if reward is None else reward,
         "turns": state.turns,
         "done_reason": state.done_reason, "opening": state.history[0][1] if state.history else "",
         "dialogue": turns,

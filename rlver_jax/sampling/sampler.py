@@ -16,7 +16,9 @@ into the slots right before one common write index, so the slots that earlier ca
 dead (left padding, decode steps after a row stopped, rolled-back text) are reclaimed
 and never attended over again. The compacted cache is sized to this call
 (`capacity_bucket` of kept + prompt block + new tokens), so its size follows what the
-dialogue holds, not how many turns it took to get there.
+dialogue holds, not how many turns it took to get there; a caller that knows its prompt
+cap (`max_prompt_tokens`, the LLM user) gets that cap's capacity from the first call, so
+its growing dialogues keep one capacity and compile nothing new.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing

@@ -18,6 +18,10 @@ and never attended over again. The compacted cache is sized to this call
 (`capacity_bucket` of kept + prompt block + new tokens), so its size follows what the
 dialogue holds, not how many turns it took to get there.
 
+Decode on CPU runs the decoder layers as an unrolled loop over per-layer copies of the
+weights (`decode_layers`, `qwen2.unstack_layers`): a scan over the stacked weights made
+XLA:CPU copy every layer's weights before its matmuls, every step.
+
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
 to generate passes only `None` rows (or none at all) and still takes part. Shapes and the

@@ -108,7 +108,7 @@ def render(records: list[dict]) -> str:
                 "| roofline | compile s | peak RSS GB | load start / end |",
                 "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in sampling:
-            c, ro, m = r["config"], r["roofline"], r.get("machine", {})
+            c, ro = r["config"], r["roofline"]
             out.append(
                 f"| {_device(r)} | {c['preset']} | {c['dtype']} | {c['batch']} | "
                 f"{c['prompt_len']} | {c['new_tokens']} | {_num(r['tokens_per_s'])} | "
@@ -130,7 +130,7 @@ def render(records: list[dict]) -> str:
                 "| compile s | peak RSS GB | load start / end |",
                 "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
         for r in forward:
-            c, m = r["config"], r.get("machine", {})
+            c = r["config"]
             out.append(
                 f"| {_device(r)} | {c['preset']} | {c['dtype']} | {c['batch']} | "
                 f"{c['prompt_len']} | {_num(r['tokens_per_s'])} | "
@@ -206,7 +206,7 @@ def _render_train_step(records: list[dict]) -> list[str]:
            "| compile s | XLA temp GB | peak RSS GB | load start / end |",
            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
     for r in rows:
-        c, ro, m = r["config"], r.get("roofline") or {}, r.get("machine", {})
+        c, ro = r["config"], r.get("roofline") or {}
         mem = r.get("memory") or {}
         out.append(
             f"| {_device(r)} | {c['preset']} | {c['dtype']} | {c['batch']} | "
@@ -238,7 +238,7 @@ def _render_rl_step(records: list[dict]) -> list[str]:
            "| first step s | compiles/step after warm-up | sampler programs | load start / end |",
            "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|---|--:|"]
     for r in rows:
-        c, t, m = r["config"], r["time_split"], r.get("machine", {})
+        c, t = r["config"], r["time_split"]
         sim = c["simulator"] + (f" ({c['simulator_preset']})" if c.get("simulator_preset")
                                 else "")
         programs = " > ".join(f"{p:.0f}" for p in r["sampler_programs"])
@@ -276,7 +276,6 @@ def _render_generic(kind: str, rows: list[dict]) -> list[str]:
            "| compile s | peak RSS GB | load start / end |",
            "|---|" + "---|" * len(keys) + "--:|--:|--:|--:|--:|--:|"]
     for r in sorted(rows, key=lambda r: json.dumps(r["config"], sort_keys=True)):
-        m = r.get("machine", {})
         cells = [str(r["config"].get(k, "-")) for k in keys]
         out.append(f"| {_device(r)} | " + " | ".join(cells) +
                    f" | {_num(r.get('tokens_per_s'))} | {_num(r.get('peer_tokens_per_s'))} | "

@@ -230,7 +230,6 @@ def _time_peer_optimizer(peer, sync, repeats) -> dict:
 
     opt_step()  # allocates the moments
     t_opt = common.median_time(opt_step, max(repeats, 2))
-    del opt
     peer.zero_grad(set_to_none=True)
     device = _peer_device()
     mem = int(torch.cuda.max_memory_allocated()) if device.type == "cuda" else None

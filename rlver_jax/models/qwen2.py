@@ -308,14 +308,8 @@ class Qwen2(nnx.Module):
 
     def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] -> float32 logits [B, T, V]."""
-        dtype = self.config.jnp_dtype
-        if self.lm_head is None:
-            # The tied table read as [V, D]: `head_weight()`'s transpose would be a copy of
-            # the whole table on every call (XLA:CPU does not fold it into the matmul).
-            return jnp.einsum("BTD,VD->BTV", hidden, self.embed[...].astype(dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("BTD,DV->BTV", hidden, self.lm_head[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        w = self.head_weight().astype(self.config.jnp_dtype)
+        return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None,
                  cache: KVCache | None = None):

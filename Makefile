@@ -20,7 +20,7 @@ train: $(STAMP)
 	$(PY) -m rlver_jax.train --workdir runs/tiny $(TRAIN_ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --suite $(BENCH_SUITE)

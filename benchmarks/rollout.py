@@ -36,8 +36,11 @@ Two sweeps: turns (`--turns`, at `--turns_batch` dialogues) and dialogues per ba
 `--simulator_shape` runs another sweep instead ("simulator"): the simulator's KV-cache
 reuse at a realistic shape (a static prompt head padded to `--sim_head_tokens`, analyzer
 `--sim_analyzer_tokens` / actor `--sim_actor_tokens` new tokens, `--turns_batch` dialogues
-in GRPO groups of `--group_size`, `--turns`, no prompt truncation), beside the same rollout
-with `SimulatorSampling.reuse_cache=False` (peer "noreuse"). Reported per turn count:
+in GRPO groups of `--group_size`, no prompt truncation), beside the same rollout with
+`SimulatorSampling.reuse_cache=False` (peer "noreuse"). Each side runs one rollout of
+max(`--turns`) + 1 turns (a warm-up, then `--repeats` interleaved rounds, progress
+printed); every turn count's point is read off those runs' per-call times, since nothing
+in the prompts depends on the horizon. Reported per turn count T:
 
   simulator_prefill_tokens   prompt tokens the simulator computed (`rollout/...`)
   simulator_reused_tokens    prompt tokens served from its cache
@@ -45,10 +48,17 @@ with `SimulatorSampling.reuse_cache=False` (peer "noreuse"). Reported per turn c
                              nodes of a prefix tree over every prompt: what a perfect prefix
                              cache computes); `prefill_over_unique` = prefill / unique
   simulator_s, peer_simulator_s, peer_simulator_prefill_tokens
-                             simulator time (analyzer + actor, median run) and the peer's,
-                             `simulator_ratio` = peer / ours; `growth`: log-log slope of
-                             simulator time vs turns, ours and the peer's; both sides are
-                             warmed up, then timed in `--repeats` interleaved rounds
+                             simulator time of a T-turn dialogue (openings, T analyses,
+                             T - 1 actor replies; median over rounds) and the peer's,
+                             `simulator_ratio` = peer / ours
+  full_turns_simulator_s     the same through the T-th actor reply (T whole user turns)
+  turn_simulator_s           turn T alone (its analysis and its reply)
+  compiles_after_warmup      sampler programs compiled in the timed runs (goal 0)
+  growth                     log-log slopes over the turn counts of the three times, ours
+                             and the peer's. Equal-cost calls give ~1.29 for T-turn
+                             dialogues (1, 3, 7, 15 calls at T = 1, 2, 4, 8) and ~1 for
+                             whole turns; on the tiny preset a decode step is all attention,
+                             so context growth shows in full (see benchmarks/README.md)
 
 Plots: `results/rollout_turns.png` (time vs turns, log-log, split by component, with the
 peer) and `results/rollout_batch.png` (dialogues/s and tokens/s vs batch).
@@ -60,7 +70,7 @@ import argparse
 import math
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 from benchmarks import common
 
@@ -302,9 +312,11 @@ def padded_profiles(setup: Setup, count: int, head_tokens: int) -> list:
     return out
 
 
-def prepare_simulator(setup: Setup, args, turns: int, reuse: bool):
-    """A warm-up rollout at the simulator shape; returns (first call s, a warm rollout fn,
-    the list that fn appends (result, distinct prompt tokens) to)."""
+def prepare_simulator(setup: Setup, args, horizon: int, reuse: bool):
+    """A warm-up rollout of `horizon` turns at the simulator shape; returns (first call s,
+    a warm rollout fn, the list that fn appends each run's simulator calls to: per call
+    (kind, seconds, prefill tokens, reused tokens, distinct prompt tokens so far,
+    sampler compilations so far), counters cumulative within the run)."""
     import dataclasses
 
     sampling = dataclasses.replace(
@@ -314,10 +326,24 @@ def prepare_simulator(setup: Setup, args, turns: int, reuse: bool):
     recorder = _PromptRecorder(setup.sim_sampler)
     inner, setup.sim_sampler = setup.sim_sampler, recorder
     try:
-        rollout, _ = setup.rollout(turns, args.turn_tokens, True, args.think, sampling,
-                                   args.group_size)
+        rollout, user = setup.rollout(horizon, args.turn_tokens, True, args.think, sampling,
+                                      args.group_size)
     finally:
         setup.sim_sampler = inner
+    calls: list = []
+
+    def timed(kind, fn):
+        def call(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)  # host lists: the sampler has synchronised
+            calls.append((kind, time.perf_counter() - t0, user.stats["simulator_prefill_tokens"],
+                          user.stats["simulator_reused_tokens"], recorder.trie.size,
+                          inner.num_compilations))
+            return out
+        return call
+
+    for kind in ("openings", "analyze", "replies"):
+        setattr(user, kind, timed(kind, getattr(user, kind)))
     groups = max(args.turns_batch // args.group_size, 1)
     profiles = padded_profiles(setup, groups, args.sim_head_tokens)
     t0 = time.perf_counter()
@@ -327,70 +353,107 @@ def prepare_simulator(setup: Setup, args, turns: int, reuse: bool):
 
     def once():
         recorder.trie = _PromptTrie()
+        calls.clear()
+        start = (user.stats["simulator_prefill_tokens"], user.stats["simulator_reused_tokens"],
+                 inner.num_compilations)
         result = rollout.run(setup.policy, profiles, seed=0)
-        runs.append((result, recorder.trie.size))
+        assert all(st.turns == horizon for st in result.dialogues), "a dialogue ended early"
+        runs.append([(k, s, p - start[0], r - start[1], u, c - start[2])
+                     for k, s, p, r, u, c in calls])
+        print(f"  {'reuse' if reuse else 'no reuse'} run {len(runs)}: simulator "
+              f"{sum(c[1] for c in calls):.1f}s", flush=True)
 
     return first, once, runs
 
 
-def summarize_simulator(first: float, walls: list[float], runs: list) -> dict[str, Any]:
-    """One side's fields from its warm runs: the median run's counts and split."""
-    order = sorted(range(len(walls)), key=lambda i: walls[i])
-    result, unique = runs[order[len(order) // 2]]
-    m = result.metrics
-    sim_s = sorted(r.timing["analyzer_s"] + r.timing["actor_s"] for r, _ in runs)
-    return {
-        "wall_s": statistics.median(walls), "first_s": first,
-        "compile_s": max(first - statistics.median(walls), 0.0),
-        "simulator_s": statistics.median(sim_s),
-        "policy_s": result.timing["policy_s"],
-        "simulator_prefill_tokens": m["rollout/simulator_prefill_tokens"],
-        "simulator_reused_tokens": m["rollout/simulator_reused_tokens"],
-        "simulator_tokens": m["rollout/simulator_tokens"],
-        "policy_prefill_tokens": m["rollout/policy_prefill_tokens"],
-        "policy_reused_tokens": m["rollout/policy_reused_tokens"],
-        "unique_prompt_tokens": unique,
-        "prefill_over_unique": m["rollout/simulator_prefill_tokens"] / max(unique, 1),
-        "dialogues": len(result.dialogues), "wall_s_all": list(walls),
-    }
+def horizon_points(calls: list, turns: Sequence[int]) -> dict[int, dict[str, float]]:
+    """Per turn count T: what a rollout of T turns does, read off one longer run's calls
+    (the simulator's calls up to and including the T-th analyzer call: a T-turn dialogue
+    ends after its T-th analysis, and nothing in the prompts depends on the horizon), and
+    `full_s`: the time through the T-th actor reply as well (T whole user turns; needs a
+    run of more than T turns, else None)."""
+    analyses = [i for i, c in enumerate(calls) if c[0] == "analyze"]
+    replies = [i for i, c in enumerate(calls) if c[0] == "replies"]
+    upto = lambda end: sum(c[1] for c in calls[:end + 1])
+    out = {}
+    for t in turns:
+        end = analyses[t - 1]
+        _, _, prefill, reused, unique, compiles = calls[end]
+        out[t] = {"simulator_s": upto(end),
+                  "full_s": upto(replies[t - 1]) if len(replies) >= t else None,
+                  # Turn t alone: its analysis and its actor reply.
+                  "turn_s": (calls[end][1] + calls[replies[t - 1]][1]
+                             if len(replies) >= t else None),
+                  "prefill": prefill, "reused": reused, "unique": unique,
+                  "compiles": compiles}
+    return out
 
 
 def run_simulator_sweep(setup: Setup, args, machine) -> list[dict]:
-    """Per turn count: reuse on (ours) and off (peer), warmed up, then interleaved rounds."""
+    """One rollout of max(--turns) turns per side (reuse on: ours, off: peer), warmed up,
+    then `--repeats` interleaved rounds; each turn count's point is read off the same runs
+    (`horizon_points`), medians over the rounds."""
+    # One turn past the largest count: its actor reply closes the last whole user turn.
+    turns = sorted(set(args.turns))
+    horizon = turns[-1] + 1
+    sides = {}
+    for name, reuse in (("ours", True), ("peer", False)):
+        print(f"rollout {setup.preset} simulator: warm-up, {horizon} turns, reuse "
+              f"{'on' if reuse else 'off'}", flush=True)
+        sides[name] = prepare_simulator(setup, args, horizon, reuse)
+    times = common.time_interleaved({k: v[1] for k, v in sides.items()}, args.repeats)
+    points = {k: [horizon_points(calls, turns) for calls in sides[k][2]] for k in sides}
+    med = lambda k, t, f: statistics.median(p[t][f] for p in points[k])
     records = []
-    for turns in sorted(args.turns):
-        sides = {"ours": prepare_simulator(setup, args, turns, True),
-                 "peer": prepare_simulator(setup, args, turns, False)}
-        times = common.time_interleaved({k: v[1] for k, v in sides.items()}, args.repeats)
-        ours, peer = (summarize_simulator(sides[k][0], times[k], sides[k][2])
-                      for k in ("ours", "peer"))
+    for t in turns:
+        last = points["ours"][-1][t]
         config = {"preset": setup.preset, "sim_preset": setup.sim_preset, "dtype": args.dtype,
-                  "sweep": "simulator", "turns": turns, "batch": ours["dialogues"],
+                  "sweep": "simulator", "turns": t, "horizon": horizon,
+                  "batch": args.turns_batch // args.group_size * args.group_size,
                   "group_size": args.group_size, "turn_tokens": args.turn_tokens,
                   "sim_head_tokens": args.sim_head_tokens,
                   "sim_analyzer_tokens": args.sim_analyzer_tokens,
                   "sim_actor_tokens": args.sim_actor_tokens, "think": args.think}
         record = common.base_record("rollout", config, machine)
-        record.update(ours)
-        record.update(peer="noreuse", peer_wall_s=peer["wall_s"],
-                      peer_simulator_s=peer["simulator_s"],
-                      peer_simulator_prefill_tokens=peer["simulator_prefill_tokens"],
-                      peer_compile_s=peer["compile_s"],
-                      simulator_ratio=peer["simulator_s"] / max(ours["simulator_s"], 1e-9))
-        record.update(common.timing_fields(times))  # wall: ratio, its per-round min / max
+        ours_s, peer_s = med("ours", t, "simulator_s"), med("peer", t, "simulator_s")
+        record.update(
+            simulator_s=ours_s, turn_simulator_s=med("ours", t, "turn_s"),
+            simulator_s_all=[p[t]["simulator_s"] for p in points["ours"]],
+            full_turns_simulator_s=med("ours", t, "full_s"),
+            peer_full_turns_simulator_s=med("peer", t, "full_s"),
+            simulator_prefill_tokens=last["prefill"], simulator_reused_tokens=last["reused"],
+            unique_prompt_tokens=last["unique"],
+            prefill_over_unique=last["prefill"] / max(last["unique"], 1),
+            compiles_after_warmup=max(p[t]["compiles"] for p in points["ours"]),
+            first_s=sides["ours"][0], wall_s=statistics.median(times["ours"]),
+            peer="noreuse", peer_simulator_s=peer_s,
+            peer_turn_simulator_s=med("peer", t, "turn_s"),
+            peer_simulator_prefill_tokens=points["peer"][-1][t]["prefill"],
+            peer_compiles_after_warmup=max(p[t]["compiles"] for p in points["peer"]),
+            peer_first_s=sides["peer"][0], peer_wall_s=statistics.median(times["peer"]),
+            simulator_ratio=peer_s / max(ours_s, 1e-9))
+        record.update(common.timing_fields(times))  # whole runs: ratio, per-round spread
         record["peak_rss_bytes"] = common.peak_rss_bytes()
         record["device_memory_bytes"] = common.device_memory_bytes()
-        print(f"rollout {setup.preset} simulator T={turns} B={ours['dialogues']}: simulator "
-              f"{ours['simulator_s']:.2f}s (no reuse {peer['simulator_s']:.2f}s), prefill "
-              f"{ours['simulator_prefill_tokens']:.0f} tokens (no reuse "
-              f"{peer['simulator_prefill_tokens']:.0f}), unique "
-              f"{ours['unique_prompt_tokens']}, prefill/unique "
-              f"{ours['prefill_over_unique']:.2f}", flush=True)
+        print(f"rollout {setup.preset} simulator T={t} B={config['batch']}: simulator "
+              f"{ours_s:.2f}s (no reuse {peer_s:.2f}s), {t} whole turns "
+              f"{record['full_turns_simulator_s']:.2f}s (no reuse "
+              f"{record['peer_full_turns_simulator_s']:.2f}s), turn {t} alone "
+              f"{record['turn_simulator_s']:.2f}s (no reuse "
+              f"{record['peer_turn_simulator_s']:.2f}s), prefill {last['prefill']:.0f} tokens "
+              f"(no reuse {record['peer_simulator_prefill_tokens']:.0f}), unique "
+              f"{last['unique']}, prefill/unique {record['prefill_over_unique']:.2f}, "
+              f"compiles after warm-up {record['compiles_after_warmup']} (no reuse "
+              f"{record['peer_compiles_after_warmup']})", flush=True)
         records.append(record)
-    turns_list = [r["config"]["turns"] for r in records]
-    growth = {"simulator": growth_exponent(turns_list, [r["simulator_s"] for r in records]),
-              "peer_simulator": growth_exponent(turns_list,
-                                                [r["peer_simulator_s"] for r in records])}
+    # "simulator": T-turn dialogues (T analyses, T - 1 replies), the issue's measure: with
+    # every call costing the same it is ~1.29 over 1/2/4/8, not 1 (1, 3, 7, 15 calls).
+    # "full_turns": T analyses and T replies, where equal calls give ~1.
+    series = {"simulator": "simulator_s", "peer_simulator": "peer_simulator_s",
+              "full_turns": "full_turns_simulator_s",
+              "peer_full_turns": "peer_full_turns_simulator_s",
+              "turn": "turn_simulator_s", "peer_turn": "peer_turn_simulator_s"}
+    growth = {k: growth_exponent(turns, [r[f] for r in records]) for k, f in series.items()}
     for r in records:
         r["growth"] = growth
     print(f"rollout {setup.preset} simulator: growth exponent (time ~ turns^k): " + ", ".join(

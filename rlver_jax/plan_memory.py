@@ -41,8 +41,8 @@ from rlver_jax.models import Qwen2, Qwen2Critic, get_preset
 from rlver_jax.models.qwen2 import KVCache
 from rlver_jax.rl.update import (TrainBatch, UpdateSettings, critic_step, init_train_state,
                                  make_optimizer, policy_step)
-from rlver_jax.sampling.sampler import (EXTENSION_BLOCK, Sampler, capacity_bucket,
-                                        next_power_of_two)
+from rlver_jax.sampling.continuation import stream_capacity
+from rlver_jax.sampling.sampler import Sampler, capacity_bucket, next_power_of_two
 
 GiB = 1 << 30
 
@@ -305,10 +305,11 @@ def plan(settings: PlanSettings, layout, device_memory_bytes: int | None = None
         sim_new = s.simulator_new_tokens or s.turn_tokens
         new_bucket = next_power_of_two(sim_new)
         if s.simulator_reuse_cache:
-            # A compacted continuation: kept tokens (under the prompt cap) + one extension
-            # block + the new tokens. (A row whose kept tokens are near the cap while
-            # another row's extension is long can need more: rows share one write index.)
-            capacity = capacity_bucket(sim_prompt + EXTENSION_BLOCK + new_bucket)
+            # The LLM user sizes each stream for its prompt cap from the first call: kept
+            # tokens + one extension block + the new tokens. (A row whose kept tokens are
+            # near the cap while another row's extension is long can need more: rows share
+            # one write index.)
+            capacity = capacity_bucket(stream_capacity(sim_prompt, sim_new))
         else:
             capacity = capacity_bucket(next_power_of_two(sim_prompt, 16) + new_bucket)
         streams = 2 if s.simulator_reuse_cache else 1

@@ -436,3 +436,31 @@ def test_long_extensions_are_prefilled_in_blocks(models):
     assert_only_cached_slots_valid(cont.state)
     with pytest.raises(ValueError, match="extension_block=24 must be a power of two"):
         Sampler(model, extension_block=24)
+
+
+def test_a_stream_sized_for_its_prompt_cap_keeps_one_capacity(models):
+    """With `max_prompt_tokens`, a dialogue's growing calls share one cache capacity (the
+    cap's `stream_capacity`) from the first call on: after the first continuation (its
+    compaction and extension programs) no turn compiles anything, and each samples what
+    a fresh call samples."""
+    from rlver_jax.sampling.continuation import capacity_bucket, stream_capacity
+
+    _, _, config, model, fresh = models["gqa2-untied"]
+    sampler = Sampler(model, extension_block=16)
+    cap, new = 96, 4
+    rng = np.random.default_rng(21)
+    prompts = random_prompts(rng, config.vocab_size, [5, 3])
+    state, compiles, capacities = None, [], []
+    for turn in range(5):
+        out = sampler.generate(model, prompts, new, previous=state, keep_state=True,
+                               max_prompt_tokens=cap)
+        assert (out.reused_tokens > 0) == (turn > 0)
+        assert out.tokens == fresh.generate(model, prompts, new).tokens
+        state = out.state
+        capacities.append(state.cache.capacity)
+        compiles.append(sampler.num_compilations)
+        prompts = [p + t + random_prompts(rng, config.vocab_size, [n])[0]
+                   for p, t, n in zip(prompts, out.tokens, [6, 9])]
+    assert set(capacities) == {capacity_bucket(stream_capacity(cap, new, 16))}
+    assert compiles[2:] == [compiles[1]] * 3
+    assert len(prompts[1]) < cap

@@ -186,8 +186,11 @@ class LLMUser:
             rows: list[list[int] | None] = [None] * len(stream.rows)
             for k, p in zip(keys, prompts):
                 rows[stream.rows[k]] = p
+            # The prompt cap bounds every call: the cache is sized for it from the first
+            # call, so growing dialogues reuse one set of compiled programs.
             out = self.sampler.generate(self.model, rows, max_new, previous=stream.state,
-                                        keep_state=True, **kwargs)
+                                        keep_state=True, max_prompt_tokens=s.max_prompt_tokens,
+                                        **kwargs)
             stream.state = out.state
             tokens = [out.tokens[stream.rows[k]] for k in keys]
         # Reused: prompt tokens not computed (a group's shared head is computed once).

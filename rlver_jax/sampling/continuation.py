@@ -26,8 +26,11 @@ def next_power_of_two(n: int, minimum: int = 1) -> int:
 
 # A continuation prefills its new tokens in blocks of at most this many (a power of two):
 # the cache then needs room for one block past the kept tokens and the longest new suffix,
-# not for that suffix rounded up to a power of two (up to twice its length).
-EXTENSION_BLOCK = 1024
+# not for that suffix rounded up to a power of two (up to twice its length). Each row's
+# suffix is left padded to whole blocks, and that padding sits inside the slots every
+# decode step of the call attends over, so the block is small: a 1,030-token turn in
+# 1,024-token blocks computed 2,048 slots per row (simulator shape, actor turn 2).
+EXTENSION_BLOCK = 256
 
 # Cache capacities of continued calls: this many sizes per octave (power-of-two interval),
 # so a continued cache wastes at most 1 / (this) of its slots while a long run still
@@ -41,6 +44,15 @@ def capacity_bucket(n: int, per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE) -> in
     top = next_power_of_two(n)
     step = max(top // (2 * per_octave), 1)
     return -(-max(int(n), 1) // step) * step
+
+
+def stream_capacity(max_prompt_tokens: int, max_new_tokens: int,
+                    extension_block: int = EXTENSION_BLOCK) -> int:
+    """Slots a continued stream needs for prompts of up to `max_prompt_tokens`: the kept
+    tokens, one extension block and the new tokens (before `capacity_bucket`). A stream
+    sized so from its first call keeps one capacity, hence one set of compiled programs,
+    however its dialogues grow; it is also what the memory planner counts."""
+    return max_prompt_tokens + extension_block + next_power_of_two(max_new_tokens)
 
 
 @dataclasses.dataclass

@@ -16,7 +16,9 @@ into the slots right before one common write index, so the slots that earlier ca
 dead (left padding, decode steps after a row stopped, rolled-back text) are reclaimed
 and never attended over again. The compacted cache is sized to this call
 (`capacity_bucket` of kept + prompt block + new tokens), so its size follows what the
-dialogue holds, not how many turns it took to get there.
+dialogue holds, not how many turns it took to get there; a caller that knows its prompt
+cap (`max_prompt_tokens`, the LLM user) gets that cap's capacity from the first call, so
+its growing dialogues keep one capacity and compile nothing new.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -268,15 +270,18 @@ class Sampler:
     def generate(self, model: nnx.Module, prompts: Sequence[Sequence[int] | None],
                  max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, stop_token_ids: Sequence[int] = (), seed: int = 0,
-                 previous: SamplerState | None = None, keep_state: bool = False
-                 ) -> SampleOutput:
+                 previous: SamplerState | None = None, keep_state: bool = False,
+                 max_prompt_tokens: int = 0) -> SampleOutput:
         """Samples a continuation of every prompt (a list of token ids, or None for a row
         that sits this call out: it keeps its row and its cache for a later continuation).
 
         With `previous` (a state from `keep_state=True`), rows whose prompt extends the
         tokens cached in that row are continued from the cache; otherwise (any active row
         not an extension) the call starts fresh. A state is consumed by the call that
-        continues it (its cache buffers are donated).
+        continues it (its cache buffers are donated). `max_prompt_tokens` (0: unknown): the
+        longest prompt the caller's stream will pass; the cache is sized for it from the
+        start (`continuation.stream_capacity`), so a dialogue's growing calls share one
+        capacity and its programs instead of compiling new ones as they grow.
         """
         # Multi-host: a process whose rows all sit out still joins the collective call.
         if not prompts and not self.multiprocess:
@@ -295,6 +300,9 @@ class Sampler:
         n = len(prompts)
         weights = nnx.state(model)
         max_new_bucket = next_power_of_two(max_new_tokens)
+        reserve = (continuation.stream_capacity(max_prompt_tokens, max_new_tokens,
+                                                self.extension_block)
+                   if max_prompt_tokens > 0 else 0)
         processes = jax.process_count() if self.multiprocess else 1
         agree_max = distributed.max_over_processes if self.multiprocess else int
         agree_all = distributed.all_processes if self.multiprocess else bool
@@ -332,7 +340,7 @@ class Sampler:
                 p is not None and k < len(c)
                 for p, c, k in zip(prompts, previous.cached_tokens, keep))
             start = agree_max(max(kept, default=0))
-            capacity = capacity_bucket(start + width + max_new_bucket,
+            capacity = capacity_bucket(max(start + width + max_new_bucket, reserve),
                                        self.capacity_buckets_per_octave)
             cache = continuation.compact(self, previous, batch, kept, start, capacity)
         else:
@@ -350,7 +358,8 @@ class Sampler:
         unused = [i for i in range(batch) if kept[i] == 0 and (i >= n or not active[i])]
         mask[unused, -1] = True
         if not reuse:
-            capacity = capacity_bucket(width + max_new_bucket, self.capacity_buckets_per_octave)
+            capacity = capacity_bucket(max(width + max_new_bucket, reserve),
+                                       self.capacity_buckets_per_octave)
             cache = self._new_cache(batch * processes, capacity)
 
         block = self.extension_block if reuse else width

@@ -43,6 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (>= 3)")
     p.add_argument("--peer", default="transformers", choices=("transformers", "none"))
     p.add_argument("--torch_threads", type=int, default=None)
+    p.add_argument("--decode_layers", default="auto", choices=("auto", "scan", "unrolled"),
+                   help="Sampler(decode_layers=...): the layer scan or per-layer weights")
     p.add_argument("--quick", action="store_true",
                    help="batch 1 and 8, prompt 128, 16 new tokens, 3 rounds")
     p.add_argument("--results_dir", default=None)
@@ -171,7 +173,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     from rlver_jax.sampling import Sampler
 
     machine, config, model, peer = common.machine_and_twin_models(args)
-    sampler = Sampler(model)
+    sampler = Sampler(model, decode_layers=args.decode_layers)
     n = args.new_tokens
     records = []
     for prompt_len in args.prompt_len:
@@ -196,6 +198,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 generate_s=total, prefill_s=prefill_s, compile_s=max(first - total, 0.0),
                 peer=None, peer_tokens_per_s=None, peer_decode_tokens_per_s=None, ratio=None,
                 decode_ratio=None, compilations=sampler.num_compilations,
+                decode_layers="unrolled" if sampler.unrolled_decode else "scan",
                 roofline=roofline(config, model, batch, prompt_len, n, step_s))
             record.update(common.timing_fields(times))
             record["prefill_timing"] = common.timing_fields(prefill_times)["timing"]

@@ -188,7 +188,8 @@ def test_stacked_cache_reads_one_layer_in_place(implementation):
 def test_decode_step_copies_no_cache():
     """A compiled decode step updates the stacked KV cache in place: no HLO copy of cache
     size (as scan inputs / outputs, or with one key block spanning the cache, XLA:CPU
-    copied it once or twice per layer and step)."""
+    copied it once or twice per layer and step), over the layer scan and over per-layer
+    weights; the latter also slices no weights out of a stack."""
     from flax import nnx
     from rlver_jax.models import create_model
     from rlver_jax.sampling import Sampler
@@ -196,15 +197,22 @@ def test_decode_step_copies_no_cache():
     config = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3,
                          num_heads=4, num_kv_heads=2, tie_word_embeddings=True)
     model = create_model(config, 0)
-    sampler = Sampler(model)
+    sampler = Sampler(model, decode_layers="unrolled")
     batch, capacity, new = 2, 64, 8
     cache = jax.eval_shape(lambda: sampler._new_cache(batch, capacity))
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(batch))
-    compiled = sampler._decode.lower(
-        nnx.state(model), cache, jax.ShapeDtypeStruct((batch, config.vocab_size), jnp.float32),
-        jnp.ones((batch,), bool), keys, jnp.int32(new), jnp.full((8,), -1, jnp.int32),
-        jnp.float32(0), jnp.int32(0), jnp.float32(1), max_new_bucket=new).compile()
     shape = ",".join(map(str, cache.k.shape))
-    copies = [line for line in compiled.as_text().splitlines()
-              if f"[{shape}]" in line and " copy(" in line]
-    assert not copies, copies
+    mlp = f"[{config.hidden_size},{config.intermediate_size}]"
+    for layers in (None, sampler.decode_layer_weights(model)):
+        compiled = sampler._decode.lower(
+            nnx.state(model), cache, jax.ShapeDtypeStruct((batch, config.vocab_size),
+                                                          jnp.float32),
+            jnp.ones((batch,), bool), keys, jnp.int32(new), jnp.full((8,), -1, jnp.int32),
+            jnp.float32(0), jnp.int32(0), jnp.float32(1), layers,
+            max_new_bucket=new).compile()
+        lines = compiled.as_text().splitlines()
+        copies = [line for line in lines if f"[{shape}]" in line and " copy(" in line]
+        assert not copies, copies
+        weight_slices = [line for line in lines if "dynamic-slice" in line
+                         and f"f32{mlp}" in line.split("=", 1)[-1][:24]]
+        assert bool(weight_slices) == (layers is None), weight_slices

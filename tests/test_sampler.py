@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -237,6 +238,29 @@ def test_seeds_streams_and_no_recompilation(models):
     sampler.generate(model, random_prompts(rng, config.vocab_size, [16, 1, 3, 8, 2, 5, 7]),
                      9, temperature=0.5, seed=1)
     assert sampler.num_compilations == before
+
+
+def test_unrolled_decode_equals_the_layer_scan(models):
+    """Decode over per-layer weight copies (the CPU default) computes what the scan over the
+    stacked weights computes, bit for bit; the copies are made once per set of weights."""
+    _, _, config, model, sampler = models["mha-tied-odd"]
+    assert sampler.unrolled_decode  # "auto" on CPU
+    scan = Sampler(model, decode_layers="scan")
+    rng = np.random.default_rng(7)
+    prompts = random_prompts(rng, config.vocab_size, [5, 12, 3])
+    for kwargs in (dict(), dict(temperature=0.8, top_k=20, seed=3)):
+        a = sampler.generate(model, prompts, 10, **kwargs)
+        b = scan.generate(model, prompts, 10, **kwargs)
+        assert a.tokens == b.tokens
+        assert a.raw_logprobs == b.raw_logprobs and a.logprobs == b.logprobs
+    first = sampler.decode_layer_weights(model)
+    assert len(first) == config.num_layers and sampler.decode_layer_weights(model) is first
+    assert scan.decode_layer_weights(model) is None
+    graphdef, state = nnx.split(model)
+    other = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
+    assert sampler.decode_layer_weights(other) is not first
+    with pytest.raises(ValueError, match="decode_layers='loop'"):
+        Sampler(model, decode_layers="loop")
 
 
 # ------------------------------------------------------------------------ prefix reuse

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlver_jax.models import decode_attention
 from rlver_jax.models.attention import dot_product_attention
 from rlver_jax.models.config import Qwen2Config
 from rlver_jax.sharding import constrain
@@ -162,9 +163,14 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
         keys = jax.lax.dynamic_update_slice(k_cache, k[None].astype(k_cache.dtype), at)
         values = jax.lax.dynamic_update_slice(v_cache, v[None].astype(v_cache.dtype), at)
         new_kv = (keys, values)
-    attn = dot_product_attention(q, keys, values, key_valid=key_valid,
-                                 query_slots=query_slots, implementation=config.attention,
-                                 causal_offset=0 if kv is None else None, layer=layer)
+    if kv is not None and decode_attention.supported(q, keys, config.attention):
+        attn, keys, values = decode_attention.decode_attention(
+            q, keys, values, key_valid=key_valid, query_slots=query_slots, layer=layer)
+        new_kv = (keys, values)
+    else:
+        attn = dot_product_attention(q, keys, values, key_valid=key_valid,
+                                     query_slots=query_slots, implementation=config.attention,
+                                     causal_offset=0 if kv is None else None, layer=layer)
     # As one [N * H, D] matmul: over the two contracted axes XLA:CPU transposes the
     # weight (every layer, every decode step) instead of the small activation.
     b, t, n, hd = attn.shape
@@ -214,11 +220,26 @@ class DecoderStack(nnx.Module):
     def weights(self) -> dict[str, jax.Array]:
         return {name: getattr(self, name)[...] for name in self.param_specs(self.config)}
 
-    def __call__(self, x, cos, sin, key_valid, query_slots, cache: KVCache | None):
+    def __call__(self, x, cos, sin, key_valid, query_slots, cache: KVCache | None,
+                 layer_weights: tuple[dict[str, jax.Array], ...] | None = None):
+        """`layer_weights`: every layer's weights as separate arrays (`unstack_layers`);
+        then the layers run as an unrolled Python loop over them instead of a scan over the
+        stacked weights (see `unstack_layers` for why decode on CPU wants that)."""
         config = self.config
         layer = functools.partial(decoder_layer, config)
         if config.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT[config.remat])
+
+        if layer_weights is not None:
+            if len(layer_weights) != config.num_layers:
+                raise ValueError(f"DecoderStack: {len(layer_weights)} layer_weights, expected "
+                                 f"num_layers={config.num_layers}")
+            kv = None if cache is None else (cache.k, cache.v)
+            index = None if cache is None else cache.index
+            for i, p in enumerate(layer_weights):
+                x, kv = layer(p, x, cos, sin, key_valid, query_slots, kv, index,
+                              None if cache is None else jnp.asarray(i, jnp.int32))
+            return x, kv
 
         if cache is None:
             def body(h, p):
@@ -237,6 +258,22 @@ class DecoderStack(nnx.Module):
         init = (x, cache.k, cache.v, jnp.zeros((), jnp.int32))
         (x, k, v, _), _ = jax.lax.scan(body_cached, init, self.weights())
         return x, (k, v)
+
+
+def unstack_layers(stacked: dict[str, jax.Array]) -> tuple[dict[str, jax.Array], ...]:
+    """Per-layer weight dicts from the stacked [L, ...] ones (`DecoderStack.weights()`).
+
+    A scan over stacked weights slices each layer's weights out of the stack with a
+    dynamic-slice, and XLA:CPU's matmul cannot read such a slice in place: it copies every
+    layer's weights before its matmuls, every call. A prefill amortises that over its
+    tokens; a decode step at batch 8 of a 100M model spent about a third of its time on
+    it. Separate arrays (made once, outside the decode program) are read in place.
+    """
+    layers = {len(w) for w in stacked.values()}
+    if len(layers) != 1:
+        raise ValueError(f"unstack_layers: stacked weights disagree on the layer count "
+                         f"({sorted(layers)})")
+    return tuple({name: w[i] for name, w in stacked.items()} for i in range(layers.pop()))
 
 
 class Qwen2(nnx.Module):
@@ -271,8 +308,11 @@ class Qwen2(nnx.Module):
         return self.embed[...].T
 
     def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-                      positions: jax.Array | None = None, cache: KVCache | None = None):
-        """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache."""
+                      positions: jax.Array | None = None, cache: KVCache | None = None,
+                      layer_weights: tuple[dict[str, jax.Array], ...] | None = None):
+        """Final-normed hidden states [B, T, D] (compute dtype) and the updated cache.
+        `layer_weights` (optional): the decoder weights per layer (`unstack_layers`), used
+        instead of the stacked ones."""
         c = self.config
         b, t = input_ids.shape
         mask = (jnp.ones((b, t), bool) if attention_mask is None
@@ -296,7 +336,7 @@ class Qwen2(nnx.Module):
         table = constrain(self.embed[...], ("vocab", None))
         x = table.astype(c.jnp_dtype)[input_ids]
         x = constrain(x, ("batch", "length", "embed"))
-        x, kv = self.layers(x, cos, sin, key_valid, query_slots, cache)
+        x, kv = self.layers(x, cos, sin, key_valid, query_slots, cache, layer_weights)
         x = rms_norm(x, self.final_norm[...], c.rms_norm_eps)
 
         if cache is None:
@@ -312,8 +352,9 @@ class Qwen2(nnx.Module):
         return jnp.einsum("BTD,DV->BTV", hidden, w, preferred_element_type=jnp.float32)
 
     def __call__(self, input_ids, attention_mask=None, positions=None,
-                 cache: KVCache | None = None):
-        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache)
+                 cache: KVCache | None = None, layer_weights=None):
+        hidden, new_cache = self.hidden_states(input_ids, attention_mask, positions, cache,
+                                               layer_weights)
         logits = self.logits_from_hidden(hidden)
         return logits if cache is None else (logits, new_cache)
 

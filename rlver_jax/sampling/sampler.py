@@ -20,6 +20,10 @@ dialogue holds, not how many turns it took to get there; a caller that knows its
 cap (`max_prompt_tokens`, the LLM user) gets that cap's capacity from the first call, so
 its growing dialogues keep one capacity and compile nothing new.
 
+Decode on CPU runs the decoder layers as an unrolled loop over per-layer copies of the
+weights (`decode_layers`, `qwen2.unstack_layers`): a scan over the stacked weights made
+XLA:CPU copy every layer's weights before its matmuls, every step.
+
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
 to generate passes only `None` rows (or none at all) and still takes part. Shapes and the
@@ -39,13 +43,20 @@ import numpy as np
 from flax import nnx
 
 from rlver_jax import distributed
-from rlver_jax.models.qwen2 import KVCache, init_cache
+from rlver_jax.models.qwen2 import KVCache, init_cache, unstack_layers
 from rlver_jax.sampling import continuation
 from rlver_jax.sampling.continuation import (  # noqa: F401  (re-exported)
     CAPACITY_BUCKETS_PER_OCTAVE, EXTENSION_BLOCK, SamplerState, capacity_bucket, kept_prefix,
     next_power_of_two)
+from rlver_jax.sampling.token_sampling import sample_step
 
 NO_TOKEN = -1
+# How decode runs the decoder layers: "scan" over the stacked weights (compile time flat in
+# depth), "unrolled" over per-layer copies made once per set of weights (XLA:CPU copies
+# each layer's slice of a stack before its matmuls, every step: `unstack_layers`), or
+# "auto": unrolled on CPU, where that copy costs, scan elsewhere (GPU / TPU matmuls read
+# the slice in place, and a second copy of the weights would cost device memory).
+DECODE_LAYER_MODES = ("auto", "scan", "unrolled")
 
 
 @dataclasses.dataclass
@@ -67,64 +78,16 @@ class SampleOutput:
     reused_tokens: int | None = None
 
 
-def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
-    """Sampling log-probs [B, V]: temperature, then top-k, then top-p on the renormalised
-    top-k distribution (the order transformers uses). Removed tokens get -inf.
-
-    top_k <= 0 and top_p >= 1 disable the filters. Temperature must be > 0 here.
-    """
-    vocab = logits.shape[-1]
-    scaled = logits / temperature
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    rank = jnp.arange(vocab)
-    in_top_k = rank[None, :] < k
-    sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    # top_p >= 1 must keep everything: the float32 cumsum reaches 1.0 before the last tokens,
-    # so `mass_before < 1` alone would drop tokens of probability below ~1e-7.
-    keep_sorted = in_top_k & ((mass_before < top_p) | (top_p >= 1.0) | (rank[None, :] == 0))
-    # The smallest kept logit is the threshold; ties at the threshold are kept.
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    return jax.nn.log_softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
-
-
-def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
-    """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp);
-    raw: log-softmax of logits / temperature without top-k / top-p (temperature 1 if greedy).
-
-    The sampling parameters are traced scalars, so the branches are `lax.cond`s rather than
-    `jnp.where`s: on CPU the [B, V] sort of `filter_logits` costs more than a decode step of
-    a 100M model, and the categorical draw (B * V random numbers) nearly as much, so greedy
-    skips both and untruncated sampling skips the sort.
-    """
-    raw = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
-    take = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
-
-    def greedy(_):
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return token, jnp.zeros(token.shape, jnp.float32)
-
-    def sample(_):
-        truncate = (top_k > 0) | (top_p < 1.0)
-        filtered = jax.lax.cond(
-            truncate, lambda: filter_logits(logits, temperature, top_k, top_p),
-            lambda: jax.nn.log_softmax(logits / temperature, axis=-1))
-        token = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
-        return token, take(filtered, token)
-
-    token, sampling_lp = jax.lax.cond(temperature <= 0, greedy, sample, None)
-    return token, sampling_lp, take(raw, token)
-
-
 class Sampler:
     """Keeps compiled prefill / decode programs for one model architecture (and mesh)."""
 
     def __init__(self, model: nnx.Module, *, min_prompt_bucket: int = 16,
                  max_stop_tokens: int = 8, mesh=None, cache_dtype=None,
                  capacity_buckets_per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE,
-                 extension_block: int = EXTENSION_BLOCK):
+                 extension_block: int = EXTENSION_BLOCK, decode_layers: str = "auto"):
+        if decode_layers not in DECODE_LAYER_MODES:
+            raise ValueError(f"Sampler: decode_layers={decode_layers!r}, expected one of "
+                             f"{DECODE_LAYER_MODES}")
         if extension_block < min_prompt_bucket or extension_block & (extension_block - 1):
             raise ValueError(f"Sampler: extension_block={extension_block} must be a power "
                              f"of two >= min_prompt_bucket={min_prompt_bucket}")
@@ -150,6 +113,12 @@ class Sampler:
                                      static_argnames=("capacity",))
         self._compact_resize = jax.jit(self._compact_impl, static_argnames=("capacity",))
         self._fork = jax.jit(self._fork_impl)
+        self.unrolled_decode = (decode_layers == "unrolled" or
+                                (decode_layers == "auto" and jax.default_backend() == "cpu"))
+        self._unstack = jax.jit(unstack_layers)
+        # (the stacked arrays, their per-layer copies): holding the sources keeps their
+        # identity a valid key; a new set of weights replaces the pair.
+        self._unstacked: tuple[tuple, Any] | None = None
 
     # -------------------------------------------------------------- jitted programs
     def _prefill_impl(self, weights, cache, tokens, mask):
@@ -170,11 +139,12 @@ class Sampler:
                        index=cache.index, next_position=cache.next_position[sources])
 
     def _decode_impl(self, weights, cache, logits, alive, keys, max_new, stop_ids,
-                     temperature, top_k, top_p, *, max_new_bucket):
+                     temperature, top_k, top_p, layers=None, *, max_new_bucket):
         """Samples until every row has stopped or `max_new` tokens.
 
         logits [B, V]: next-token logits of each row; alive [B] bool (padding rows False);
-        keys [B] per-row PRNG keys. Returns tokens/logprobs [B, M], lengths [B], stopped
+        keys [B] per-row PRNG keys; layers: the decoder weights per layer
+        (`decode_layer_weights`) or None (scan the stacked ones). Returns tokens/logprobs [B, M], lengths [B], stopped
         [B], cache. Rows that stopped feed nothing more into the cache.
         """
         self.compilations["decode", logits.shape, cache.capacity, max_new_bucket] += 1
@@ -201,7 +171,8 @@ class Sampler:
 
             def feed(cache):
                 # The sampled token enters the cache only for rows that go on.
-                new_logits, cache = model(token[:, None], still[:, None], cache=cache)
+                new_logits, cache = model(token[:, None], still[:, None], cache=cache,
+                                          layer_weights=layers)
                 return new_logits[:, -1], cache
 
             logits, cache = jax.lax.cond(jnp.any(still), feed, lambda c: (logits, c), cache)
@@ -219,10 +190,26 @@ class Sampler:
         return self._prefill.lower(weights, cache, tokens, mask)
 
     def lower_decode(self, weights, cache, logits, alive, keys, max_new, stop_ids,
-                     temperature, top_k, top_p, *, max_new_bucket):
+                     temperature, top_k, top_p, layers=None, *, max_new_bucket):
         """The decode program lowered for these arguments, as `lower_prefill`."""
         return self._decode.lower(weights, cache, logits, alive, keys, max_new, stop_ids,
-                                  temperature, top_k, top_p, max_new_bucket=max_new_bucket)
+                                  temperature, top_k, top_p, layers,
+                                  max_new_bucket=max_new_bucket)
+
+    def decode_layer_weights(self, model: nnx.Module):
+        """The per-layer weights that decode reads (None when it scans the stack): made
+        once per set of weights and kept until another set comes."""
+        if not self.unrolled_decode:
+            return None
+        stack = model.layers
+        stacked = {name: getattr(stack, name).get_value() for name in
+                   stack.param_specs(stack.config)}
+        sources = tuple(stacked.values())
+        if (self._unstacked is None
+                or any(a is not b for a, b in zip(self._unstacked[0], sources))):
+            self._unstacked = None  # the old copies go before the new ones are made
+            self._unstacked = (sources, self._unstack(stacked))
+        return self._unstacked[1]
 
     # -------------------------------------------------------------------- host API
     def _place(self, x):
@@ -376,7 +363,8 @@ class Sampler:
         toks, lps, raws, stopped, cache = self._decode(
             weights, cache, logits, self._place(alive), keys, jnp.int32(max_new_tokens),
             jnp.asarray(stops), jnp.float32(temperature), jnp.int32(top_k),
-            jnp.float32(top_p), max_new_bucket=max_new_bucket)
+            jnp.float32(top_p), self.decode_layer_weights(model),
+            max_new_bucket=max_new_bucket)
 
         toks, lps, raws, stopped = (self._host(x) for x in (toks, lps, raws, stopped))
         out_tokens, out_lps, out_raws = [], [], []

@@ -420,12 +420,18 @@ def _direct_values_and_grads(hidden, weight, targets, temperature, cot_lp, cot_e
     return _values_and_grads(_direct_head, hidden, weight, targets, temperature, cot_lp, cot_ent)
 
 
-@pytest.mark.parametrize("chunk_size,temperature", [(4, 1.0), (5, 0.7)])
-def test_chunked_head_matches_direct(chunk_size, temperature):
+@pytest.mark.parametrize("chunk_size,temperature,vocab_major",
+                         [(4, 1.0, False), (5, 0.7, False), (5, 0.7, True)])
+def test_chunked_head_matches_direct(chunk_size, temperature, vocab_major):
     # 4 divides T = 12, 5 does not (padding); chunk > T is covered by the bfloat16 test.
+    # vocab_major: the head passed as a tied embedding is stored, [V, D].
     hidden, weight, targets, cot_lp, cot_ent = _head_inputs()
 
     def chunked(h, w, tg, temp):
+        if vocab_major:
+            # The weight's gradient comes back through the transpose: [D, V] as the oracle's.
+            return logprobs.token_logprobs_and_entropy(h, w.T, tg, chunk_size=chunk_size,
+                                                       temperature=temp, vocab_major=True)
         return logprobs.token_logprobs_and_entropy(h, w, tg, chunk_size=chunk_size, temperature=temp)
 
     got = jax.jit(lambda *a: _values_and_grads(chunked, *a))(hidden, weight, targets, temperature,

@@ -136,3 +136,26 @@ def test_critic_step_reduces_value_loss():
         state, metrics = updater.step(state, batch)
         losses.append(float(metrics["value_loss"]))
     assert losses[-1] < losses[0] * 0.5
+
+
+def test_gate_up_projection_matches_autodiff_of_the_einsums():
+    from rlver_jax.models.qwen2 import gate_up_projection
+
+    keys = jax.random.split(jax.random.key(0), 5)
+    h = jax.random.normal(keys[0], (2, 7, 16))
+    w_gate, w_up = (jax.random.normal(k, (16, 24)) for k in keys[1:3])
+    cot_gate, cot_up = (jax.random.normal(k, (2, 7, 24)) for k in keys[3:5])
+
+    def loss(fn):
+        def f(h, wg, wu):
+            gate, up = fn(h, wg, wu)
+            return jnp.sum(jax.nn.silu(gate) * up * cot_gate + up * cot_up)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w_gate, w_up)
+
+    einsums = lambda h, wg, wu: (jnp.einsum("BTD,DF->BTF", h, wg),
+                                 jnp.einsum("BTD,DF->BTF", h, wu))
+    (got, got_grads), (ref, ref_grads) = loss(gate_up_projection), loss(einsums)
+    np.testing.assert_allclose(got, ref, rtol=1e-6)
+    for g, r in zip(got_grads, ref_grads):   # d h, d w_gate, d w_up
+        assert g.shape == r.shape and g.dtype == r.dtype
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)

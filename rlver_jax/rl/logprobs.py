@@ -49,17 +49,18 @@ def entropy_from_logits(logits: Array) -> Array:
 
 def _chunk_logprobs_and_entropy(
     head_weight: Array, hidden: Array, targets: Array, temperature: Array, compute_dtype,
-    constrain: Constrain | None = None,
+    constrain: Constrain | None = None, vocab_major: bool = False,
 ) -> tuple[Array, Array]:
-    """One chunk: BCD,DV->BCV logits in float32, then logp at targets and entropy, [B, C]."""
+    """One chunk: BCD,DV->BCV (BCD,VD->BCV if vocab_major) logits in float32, then logp at
+    targets and entropy, [B, C]."""
     if constrain is not None:
         # On a mesh: rows stay split over the batch axes and the head is gathered over D
         # (the FSDP way). Left to itself, XLA splits the contraction over D like the stored
         # weight and reshards the activations by replicating them in full.
         hidden = constrain(hidden, ("batch", "length", None))
-        head_weight = constrain(head_weight, (None, "vocab"))
+        head_weight = constrain(head_weight, ("vocab", None) if vocab_major else (None, "vocab"))
     logits = jnp.einsum(
-        "BCD,DV->BCV",
+        "BCD,VD->BCV" if vocab_major else "BCD,DV->BCV",
         hidden.astype(compute_dtype),
         head_weight.astype(compute_dtype),
         preferred_element_type=jnp.float32,
@@ -84,6 +85,7 @@ def token_logprobs_and_entropy(
     compute_dtype=None,
     temperature: float | Array = 1.0,
     constrain: Constrain | None = None,
+    vocab_major: bool = False,
 ) -> tuple[Array, Array]:
     """Log-probs of `targets` and entropies from the LM head, without the full [B, T, V].
 
@@ -99,7 +101,8 @@ def token_logprobs_and_entropy(
 
     Args:
       hidden: [B, T, D] final hidden states (after the final norm).
-      head_weight: [D, V] LM-head matrix (for tied embeddings pass `embedding.T`).
+      head_weight: [D, V] LM-head matrix, or [V, D] with `vocab_major` (a tied embedding
+        as stored: passing `embedding.T` instead costs XLA a copy of the whole table).
       targets: [B, T] int token ids (the next tokens; shift before calling).
       chunk_size: tokens per chunk (static).
       compute_dtype: dtype of the matmul inputs (e.g. bfloat16); default hidden.dtype. The
@@ -108,6 +111,7 @@ def token_logprobs_and_entropy(
       constrain: `(x, logical_axes) -> x`, the caller's sharding constraint by logical axis
         names (e.g. `rlver_jax.sharding.constrain`), applied to each chunk's hidden states
         and to the head; None: no constraint (one device, or XLA's choice).
+      vocab_major: `head_weight` is [V, D].
 
     Returns:
       (logp, entropy), each [B, T] float32.
@@ -127,11 +131,12 @@ def token_logprobs_and_entropy(
     target_chunks = targets.reshape(batch, num_chunks, chunk).swapaxes(0, 1)
     temperature = jnp.asarray(temperature, jnp.float32)
 
-    chunk_fn = jax.checkpoint(_chunk_logprobs_and_entropy, static_argnums=(4, 5))
+    chunk_fn = jax.checkpoint(_chunk_logprobs_and_entropy, static_argnums=(4, 5, 6))
 
     def body(carry, xs):
         h_c, t_c = xs
-        return carry, chunk_fn(head_weight, h_c, t_c, temperature, compute_dtype, constrain)
+        return carry, chunk_fn(head_weight, h_c, t_c, temperature, compute_dtype, constrain,
+                               vocab_major)
 
     _, (logp, entropy) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
     logp = logp.swapaxes(0, 1).reshape(batch, num_chunks * chunk)[:, :length]

@@ -115,9 +115,14 @@ def shift_logprobs(model: nnx.Module, tokens: Array, attention_mask: Array, chun
                    temperature: float) -> tuple[Array, Array]:
     """Per-target log-probs and entropies [B, T] (column 0, which has no context, is 0)."""
     hidden, _ = model.hidden_states(tokens, attention_mask)
+    # A tied head goes in as the embedding itself ([V, D]): its transpose would be a
+    # loop-invariant copy of the whole table in the forward and another for its gradient.
+    vocab_major = model.lm_head is None
+    head = model.embed[...] if vocab_major else model.head_weight()
     logp, entropy = logprobs_lib.token_logprobs_and_entropy(
-        hidden[:, :-1], model.head_weight(), tokens[:, 1:], chunk_size=chunk,
-        compute_dtype=model.config.jnp_dtype, temperature=temperature, constrain=constrain)
+        hidden[:, :-1], head, tokens[:, 1:], chunk_size=chunk,
+        compute_dtype=model.config.jnp_dtype, temperature=temperature, constrain=constrain,
+        vocab_major=vocab_major)
     pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
     return pad(logp), pad(entropy)
 

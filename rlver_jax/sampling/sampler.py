@@ -144,8 +144,9 @@ class Sampler:
 
         logits [B, V]: next-token logits of each row; alive [B] bool (padding rows False);
         keys [B] per-row PRNG keys; layers: the decoder weights per layer
-        (`decode_layer_weights`) or None (scan the stacked ones). Returns tokens/logprobs [B, M], lengths [B], stopped
-        [B], cache. Rows that stopped feed nothing more into the cache.
+        (`decode_layer_weights`) or None (scan the stacked ones). Returns tokens/logprobs
+        [B, M], lengths [B], stopped [B], cache. Rows that stopped feed nothing more into
+        the cache.
         """
         self.compilations["decode", logits.shape, cache.capacity, max_new_bucket] += 1
         model = nnx.merge(self.graphdef, weights)

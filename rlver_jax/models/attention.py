@@ -178,6 +178,29 @@ def _key_block(k, v, key_valid, layer, k0, k_block):
     return block(k), block(v), jax.lax.dynamic_slice_in_dim(key_valid, k0, k_block, axis=1)
 
 
+def _online_softmax_step(carry, s, mask, v_blk, one_query=False):
+    """One key block of the online softmax: the running max m [B, K, R], normaliser l
+    [B, K, R] and unnormalised output acc [B, K, R, H] updated with the block's masked
+    scores s / mask [B, K, R, C] and values v_blk [B, C, K, H]."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(axis=-1))
+    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+    correction = jnp.exp(m - m_new)
+    l = l * correction + p.sum(axis=-1)
+    pv = _weighted_values(p, v_blk, one_query)
+    return m_new, l, acc * correction[..., None] + pv
+
+
+def stacked_k_block(k_block: int, capacity: int) -> int:
+    """The key block for a stacked cache of `capacity` slots: at most half of it, so there
+    are two or more blocks. A single block spanning the whole cache is a loop-invariant
+    slice: XLA hoists it and fuses the in-place cache update into it, which costs two
+    copies of the whole stacked cache per layer."""
+    if capacity > 1:
+        k_block = min(k_block, capacity // 2)
+    return max(1, min(k_block, capacity))
+
+
 def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, layer, k_block, scale,
                        one_query=False):
     """Online softmax over key blocks (k, v stacked [L, B, S, K, H], `layer` the one read).
@@ -190,16 +213,10 @@ def _blockwise_forward(q_rows, k, v, key_valid, slots_rows, layer, k_block, scal
         start, stop = _key_block_range(key_valid, jnp.max(sb), k_block)
 
         def body(j, carry):
-            m, l, acc = carry
             k0 = j * k_block
             k_blk, v_blk, valid_blk = _key_block(k, v, key_valid, layer, k0, k_block)
             s, mask = _block_scores(qb, k_blk, valid_blk, sb, k0, scale, one_query)
-            m_new = jnp.maximum(m, s.max(axis=-1))
-            p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-            correction = jnp.exp(m - m_new)
-            l = l * correction + p.sum(axis=-1)
-            pv = _weighted_values(p, v_blk, one_query)
-            return m_new, l, acc * correction[..., None] + pv
+            return _online_softmax_step(carry, s, mask, v_blk, one_query)
 
         init = (jnp.full((b, kv, r), MASK_VALUE, jnp.float32),
                 jnp.zeros((b, kv, r), jnp.float32), jnp.zeros((b, kv, r, h), jnp.float32))
@@ -290,11 +307,8 @@ def blockwise_attention(q, k, v, key_valid, query_slots, q_block=DEFAULT_Q_BLOCK
         k_block = DECODE_K_BLOCK if t == 1 else DEFAULT_K_BLOCK
     if layer is None:
         k, v, layer = k[None], v[None], jnp.zeros((), jnp.int32)
-    elif k.shape[2] > 1:
-        # A single key block spanning the whole cache is a loop-invariant slice: XLA hoists
-        # it and fuses the in-place cache update into it, which costs two copies of the
-        # whole stacked cache per layer. Two or more blocks keep the slice in the loop.
-        k_block = min(k_block, k.shape[2] // 2)
+    else:
+        k_block = stacked_k_block(k_block, k.shape[2])
     s, kv = k.shape[2], k.shape[3]
     q_block = max(1, min(q_block, t))
     k_block = max(1, min(k_block, s))

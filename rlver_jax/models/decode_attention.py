@@ -25,14 +25,7 @@ def supported(q, k, implementation: str) -> bool:
     that splits into whole key blocks (padding the cache would copy it)."""
     if q.shape[1] != 1 or attn.resolve_implementation(implementation, q, k) != "blockwise":
         return False
-    return k.shape[2] % _k_block(k.shape[2]) == 0
-
-
-def _k_block(capacity: int) -> int:
-    # As blockwise_attention with a stacked cache: at least two blocks (one block spanning
-    # the cache would be a loop-invariant slice that XLA hoists out, with cache copies).
-    k_block = min(attn.DECODE_K_BLOCK, capacity // 2) if capacity > 1 else attn.DECODE_K_BLOCK
-    return max(1, min(k_block, capacity))
+    return k.shape[2] % attn.stacked_k_block(attn.DECODE_K_BLOCK, k.shape[2]) == 0
 
 
 def decode_attention(q, k, v, *, key_valid, query_slots, layer):
@@ -41,7 +34,7 @@ def decode_attention(q, k, v, *, key_valid, query_slots, layer):
     k, v): the cache unchanged, to be used in place of the arguments."""
     b, t, n, h = q.shape
     s, kv = k.shape[2], k.shape[3]
-    k_block = _k_block(s)
+    k_block = attn.stacked_k_block(attn.DECODE_K_BLOCK, s)
     key_valid = key_valid.astype(bool)
     q_rows, slots_rows = attn._layout(q, kv, attn._slots_2d(query_slots, b, t), 1)
     qb, sb = q_rows[:, 0], slots_rows[:, 0]                  # [B, K, G, H], [B, G]
@@ -50,18 +43,13 @@ def decode_attention(q, k, v, *, key_valid, query_slots, layer):
     start, stop = attn._key_block_range(key_valid, jnp.max(sb), k_block)
 
     def body(j, carry):
-        m, l, acc, k, v = carry
+        *softmax, k, v = carry
         # Opaque to XLA, so it cannot forward the loop's unchanged cache around the loop.
         k, v = jax.lax.optimization_barrier((k, v))
         k0 = j * k_block
         k_blk, v_blk, valid_blk = attn._key_block(k, v, key_valid, layer, k0, k_block)
         s, mask = attn._block_scores(qb, k_blk, valid_blk, sb, k0, scale, True)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-        correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(axis=-1)
-        pv = attn._weighted_values(p, v_blk, True)
-        return m_new, l, acc * correction[..., None] + pv, k, v
+        return (*attn._online_softmax_step(softmax, s, mask, v_blk, True), k, v)
 
     r = qb.shape[2]
     init = (jnp.full((b, kv, r), MASK_VALUE, jnp.float32), jnp.zeros((b, kv, r), jnp.float32),

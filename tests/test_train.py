@@ -256,10 +256,11 @@ def assert_reproduces_default_run(records) -> None:
 def test_default_run_learns_and_reproduces_the_recorded_metrics(tmp_path):
     """The embedded default's promise: with a fixed seed the reward rises (TOY judge). And
     its numbers are pinned: `python -m rlver_jax.train` with no config flags reproduces
-    every deterministic key of every step of the run recorded before the trunk was
-    restructured (that code plus this stop's decode and cache-compaction changes, which
-    move float32 results in the 7th digit), so a change that moves the computation fails
-    here.
+    every deterministic key of every step of tests/data/default_run_metrics.jsonl, so a
+    change that moves the computation fails here. The fixture was recorded before the
+    trunk was restructured and re-recorded only for changes that move float32 rounding
+    (the stacked decode cache, cache compaction, the gate/up custom backward and the
+    vocab-major tied head: 7th-digit moves; the commits that re-record it say so).
 
     It runs as the recording did: the command, one device and XLA's default compiler
     flags (the suite's cheaper LLVM passes move float32 results in the 7th digit)."""

@@ -488,3 +488,24 @@ def test_a_stream_sized_for_its_prompt_cap_keeps_one_capacity(models):
     assert set(capacities) == {capacity_bucket(stream_capacity(cap, new, 16))}
     assert compiles[2:] == [compiles[1]] * 3
     assert len(prompts[1]) < cap
+
+
+def test_a_capped_streams_first_call_is_prefilled_in_blocks(models):
+    """With `max_prompt_tokens`, a fresh call also feeds its prompts in extension blocks:
+    one prefill program serves first prompts of any length up to the cap (no compile for
+    a longer one, no power-of-two padding past a block), and it samples what one
+    full-width prefill samples."""
+    _, _, config, model, fresh = models["gqa2-untied"]
+    sampler = Sampler(model, extension_block=16)
+    rng = np.random.default_rng(23)
+    compiles = []
+    for lengths in ([40, 17], [50, 33], [7, 12]):
+        prompts = random_prompts(rng, config.vocab_size, lengths)
+        out = sampler.generate(model, prompts, 4, keep_state=True, max_prompt_tokens=64)
+        assert out.tokens == fresh.generate(model, prompts, 4).tokens
+        assert out.prefill_tokens == sum(lengths)
+        assert_only_cached_slots_valid(out.state)
+        compiles.append(sampler.num_compilations)
+    widths = {key[1][1] for key in sampler.compilations if key[0] == "prefill"}
+    assert widths == {16}
+    assert compiles[1:] == [compiles[0]] * 2

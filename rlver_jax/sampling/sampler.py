@@ -309,16 +309,25 @@ class Sampler:
             local_reuse = all(k == len(c) or 2 * k >= len(p) for p, c, k
                               in zip(prompts, previous.cached_tokens, keep) if p is not None)
         reuse = agree_all(local_reuse)
-        width_of = lambda rows: next_power_of_two(
-            agree_max(max((len(r) for r in rows), default=0)), self.min_prompt_bucket)
+        def width_of(rows, in_blocks):
+            # Past one extension block, a prompt prefilled in blocks pads to whole blocks
+            # (none of them empty), not to a power of two.
+            longest = agree_max(max((len(r) for r in rows), default=0))
+            width = next_power_of_two(longest, self.min_prompt_bucket)
+            if in_blocks and width > self.extension_block:
+                width = -(-longest // self.extension_block) * self.extension_block
+            return width
+
+        # A continuation, and the first call of a capped stream, prefill in extension
+        # blocks: the stream's prefill programs then do not depend on its prompt lengths
+        # (no compile when a longer first prompt comes), and a prompt just past a power of
+        # two is not padded to the next one.
+        in_blocks = reuse or reserve > 0
         whole = [[] if p is None else list(p) for p in prompts]
         if reuse:
             batch = previous.cache.batch_size // processes  # this process's rows
             suffixes = [[] if p is None else list(p[k:]) for p, k in zip(prompts, keep)]
-            width = width_of(suffixes)
-            if width > self.extension_block:  # whole blocks, none of them empty
-                longest = agree_max(max((len(x) for x in suffixes), default=0))
-                width = -(-longest // self.extension_block) * self.extension_block
+            width = width_of(suffixes, in_blocks)
             # Rows that sit out keep everything they hold; rows past this call's prompts
             # (an earlier call's padding or extra rows) are dropped.
             kept = [k if p is not None else len(c or ())
@@ -334,7 +343,7 @@ class Sampler:
         else:
             batch = next_power_of_two(agree_max(n))
             suffixes = whole
-            width = width_of(suffixes)
+            width = width_of(suffixes, in_blocks)
             cache, start, kept = None, 0, [0] * batch
         tokens = np.zeros((batch, width), np.int32)
         mask = np.zeros((batch, width), bool)
@@ -350,7 +359,7 @@ class Sampler:
                                        self.capacity_buckets_per_octave)
             cache = self._new_cache(batch * processes, capacity)
 
-        block = self.extension_block if reuse else width
+        block = self.extension_block if in_blocks else width
         for b0 in range(0, width, block):
             logits, cache = self._prefill(weights, cache, self._place(tokens[:, b0:b0 + block]),
                                           self._place(mask[:, b0:b0 + block]))

@@ -3,6 +3,7 @@
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 
 from configs import base, rlver, tiny, tiny_llm
@@ -96,3 +97,36 @@ def test_validation_names_the_key(key, value, needle):
 def test_tiny_configs_validate():
     for module in (tiny, tiny_llm):
         validate_config(module.get_config())
+
+
+def test_tiny_llm_prompts_fit_the_simulator_cap():
+    """The tiny_llm simulator's analyzer and actor prompts, at the last turn of a dialogue
+    whose every message is as long as generation allows, stay under its prompt cap for
+    every training profile: nothing is truncated, so its reuse benchmark measures the
+    continued cache, not the truncation fallback."""
+    from rlver_jax import build
+    from rlver_jax.env import simulator as sim
+
+    c = tiny_llm.get_config()
+    tok = build.build_tokenizer(c)
+    settings = simulator_settings(c)
+    rng = np.random.default_rng(0)
+    text = lambda n: tok.decode(rng.integers(3, 2000, size=n).tolist(),
+                                skip_special_tokens=True)
+    turns = settings.max_turns
+    longest = {"analyzer": 0, "actor": 0}
+    for profile in build.resolve_profiles(c.data.train_profiles):
+        history = []
+        for _ in range(turns):
+            history += [("user", text(c.simulator.max_actor_tokens)),
+                        ("assistant", text(c.rollout.max_turn_tokens))]
+        analysis = text(c.simulator.max_analyzer_tokens)
+        prompts = {
+            "analyzer": sim.render_analyzer_prompt(profile, history[:-1], history[-1][1], 0,
+                                                   settings, think=False),
+            "actor": sim.render_actor_prompt(profile, history, analysis, "F", settings,
+                                             think=False)}
+        for name, messages in prompts.items():
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True)
+            longest[name] = max(longest[name], len(ids))
+    assert max(longest.values()) <= c.simulator.max_prompt_tokens, longest

@@ -509,3 +509,37 @@ def test_a_capped_streams_first_call_is_prefilled_in_blocks(models):
     widths = {key[1][1] for key in sampler.compilations if key[0] == "prefill"}
     assert widths == {16}
     assert compiles[1:] == [compiles[0]] * 2
+
+
+def test_a_capped_streams_group_fork_is_sized_for_the_stream(models):
+    """`fork_groups(..., max_prompt_tokens=)` prefills the groups' heads in extension blocks
+    straight into a cache of the stream's capacity: the continuation keeps that capacity
+    (no resizing compaction), heads of other lengths reuse the same programs, and the
+    tokens are those of a per-row prefill."""
+    from rlver_jax.sampling.continuation import capacity_bucket, stream_capacity
+
+    _, _, config, model, fresh = models["gqa2-untied"]
+    sampler = Sampler(model, extension_block=16)
+    cap, new = 80, 4
+    capacity = capacity_bucket(stream_capacity(cap, new, 16))
+    rng = np.random.default_rng(29)
+    compiles = []
+    for head_lengths in ([37, 20], [45, 9]):
+        heads = random_prompts(rng, config.vocab_size, head_lengths)
+        tails = random_prompts(rng, config.vocab_size, [3, 5, 2, 4])
+        groups = [0, 0, 1, 1]
+        prompts = [heads[g] + t for g, t in zip(groups, tails)]
+        state, forked = sampler.fork_groups(model, prompts, groups, max_prompt_tokens=cap,
+                                            max_new_tokens=new)
+        assert forked == sum(head_lengths) and state.cache.capacity == capacity
+        out = sampler.generate(model, prompts, new, previous=state, keep_state=True,
+                               max_prompt_tokens=cap)
+        assert out.state.cache.capacity == capacity
+        assert out.tokens == fresh.generate(model, prompts, new).tokens
+        assert_only_cached_slots_valid(out.state)
+        compiles.append(sampler.num_compilations)
+    assert compiles[1] == compiles[0]
+    assert not [key for key in sampler.compilations if key[0] == "compact"
+                and key[1][2] != capacity]
+    widths = {key[1][1] for key in sampler.compilations if key[0] == "prefill"}
+    assert widths == {16}

@@ -182,7 +182,9 @@ class LLMUser:
                 stream.dropped = {k: stream.dropped.get(k, 0) for k in keys}
                 stream.state = None
                 if not self._multiprocess and hasattr(self.sampler, "fork_groups"):
-                    stream.state, forked = self.sampler.fork_groups(self.model, prompts, heads)
+                    stream.state, forked = self.sampler.fork_groups(
+                        self.model, prompts, heads, max_prompt_tokens=s.max_prompt_tokens,
+                        max_new_tokens=max_new)
             rows: list[list[int] | None] = [None] * len(stream.rows)
             for k, p in zip(keys, prompts):
                 rows[stream.rows[k]] = p

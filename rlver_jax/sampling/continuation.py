@@ -46,6 +46,16 @@ def capacity_bucket(n: int, per_octave: int = CAPACITY_BUCKETS_PER_OCTAVE) -> in
     return -(-max(int(n), 1) // step) * step
 
 
+def prefill_width(longest: int, min_bucket: int, extension_block: int = 0) -> int:
+    """The [B, T] block width for prompts of up to `longest` tokens: a power of two (at
+    least `min_bucket`), or, fed in `extension_block`s (0: in one pass) and longer than
+    one, whole blocks, none of them empty."""
+    width = next_power_of_two(longest, min_bucket)
+    if extension_block and width > extension_block:
+        width = -(-longest // extension_block) * extension_block
+    return width
+
+
 def stream_capacity(max_prompt_tokens: int, max_new_tokens: int,
                     extension_block: int = EXTENSION_BLOCK) -> int:
     """Slots a continued stream needs for prompts of up to `max_prompt_tokens`: the kept
@@ -106,13 +116,16 @@ def compact(sampler, previous: SamplerState, batch: int, kept: list[int], start:
 
 
 def fork_prefill(sampler, model: nnx.Module, prefixes: Sequence[Sequence[int]],
-                 sources: Sequence[int | None]) -> SamplerState:
+                 sources: Sequence[int | None], capacity: int = 0) -> SamplerState:
     """Prefills each prefix once and copies its cache row into every row that names it.
 
     Row i of the returned state holds `prefixes[sources[i]]` (None: a row left unused),
     ready for `generate(previous=...)`: a GRPO group's rows share their profile, so
     their common prompt head is computed once per group instead of once per row.
-    Single-process meshes only (a multi-host caller prefills every row instead).
+    `capacity` (0: just the prefixes): the cache's slots, fed in extension blocks, as
+    for the stream the state starts (the continuation keeps that capacity, and no
+    program depends on the prefixes' lengths). Single-process meshes only (a multi-host
+    caller prefills every row instead).
     """
     if sampler.multiprocess:
         raise ValueError("fork_prefill: not available on a mesh that spans processes")
@@ -122,7 +135,10 @@ def fork_prefill(sampler, model: nnx.Module, prefixes: Sequence[Sequence[int]],
     if bad:
         raise ValueError(f"fork_prefill: source {bad[0]} outside 0..{len(prefixes) - 1}")
     weights = nnx.state(model)
-    width = next_power_of_two(max(len(p) for p in prefixes), sampler.min_prompt_bucket)
+    block = sampler.extension_block if capacity else 0
+    width = prefill_width(max(len(p) for p in prefixes), sampler.min_prompt_bucket, block)
+    if capacity and capacity < width:
+        raise ValueError(f"fork_prefill: capacity {capacity} below the prefixes' {width}")
     groups = next_power_of_two(len(prefixes))
     tokens = np.zeros((groups, width), np.int32)
     mask = np.zeros((groups, width), bool)
@@ -130,8 +146,11 @@ def fork_prefill(sampler, model: nnx.Module, prefixes: Sequence[Sequence[int]],
         tokens[g, width - len(p):] = p
         mask[g, width - len(p):] = True
     mask[len(prefixes):, -1] = True  # padding rows: one dummy token, as in generate
-    cache = sampler._new_cache(groups, width)
-    _, cache = sampler._prefill(weights, cache, sampler._place(tokens), sampler._place(mask))
+    cache = sampler._new_cache(groups, capacity or width)
+    step = block or width
+    for b0 in range(0, width, step):
+        _, cache = sampler._prefill(weights, cache, sampler._place(tokens[:, b0:b0 + step]),
+                                    sampler._place(mask[:, b0:b0 + step]))
     batch = next_power_of_two(len(sources))
     rows = np.zeros((batch,), np.int32)  # unused rows copy row 0; they are never continued
     rows[:len(sources)] = [0 if s is None else s for s in sources]
@@ -144,11 +163,13 @@ def fork_prefill(sampler, model: nnx.Module, prefixes: Sequence[Sequence[int]],
 
 
 def fork_groups(sampler, model: nnx.Module, prompts: Sequence[Sequence[int]],
-                groups: Sequence[Any]) -> tuple[SamplerState | None, int]:
+                groups: Sequence[Any], max_prompt_tokens: int = 0,
+                max_new_tokens: int = 1) -> tuple[SamplerState | None, int]:
     """A state to continue `prompts` from in which rows with equal `groups` keys share
     one prefill of their common prefix (`fork_prefill`), and the number of tokens that
     prefill computed; (None, 0) when no group has two rows (nothing to share) or on a
-    mesh that spans processes."""
+    mesh that spans processes. `max_prompt_tokens` / `max_new_tokens`, as for
+    `generate`: the state's cache is sized for that stream (`stream_capacity`)."""
     if sampler.multiprocess:
         return None, 0
     members: dict[Any, list[int]] = {}
@@ -167,4 +188,9 @@ def fork_groups(sampler, model: nnx.Module, prompts: Sequence[Sequence[int]],
         for r in rows:
             sources[r] = len(prefixes)
         prefixes.append(list(first[:common]))
-    return fork_prefill(sampler, model, prefixes, sources), sum(len(p) for p in prefixes)
+    capacity = (capacity_bucket(stream_capacity(max_prompt_tokens, max_new_tokens,
+                                                sampler.extension_block),
+                                sampler.capacity_buckets_per_octave)
+                if max_prompt_tokens > 0 else 0)
+    return (fork_prefill(sampler, model, prefixes, sources, capacity),
+            sum(len(p) for p in prefixes))

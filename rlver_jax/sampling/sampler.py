@@ -309,14 +309,9 @@ class Sampler:
             local_reuse = all(k == len(c) or 2 * k >= len(p) for p, c, k
                               in zip(prompts, previous.cached_tokens, keep) if p is not None)
         reuse = agree_all(local_reuse)
-        def width_of(rows, in_blocks):
-            # Past one extension block, a prompt prefilled in blocks pads to whole blocks
-            # (none of them empty), not to a power of two.
-            longest = agree_max(max((len(r) for r in rows), default=0))
-            width = next_power_of_two(longest, self.min_prompt_bucket)
-            if in_blocks and width > self.extension_block:
-                width = -(-longest // self.extension_block) * self.extension_block
-            return width
+        width_of = lambda rows, in_blocks: continuation.prefill_width(
+            agree_max(max((len(r) for r in rows), default=0)), self.min_prompt_bucket,
+            self.extension_block if in_blocks else 0)
 
         # A continuation, and the first call of a capped stream, prefill in extension
         # blocks: the stream's prefill programs then do not depend on its prompt lengths
@@ -411,16 +406,19 @@ class Sampler:
                             prefill_tokens=computed, reused_tokens=reused)
 
     def fork_prefill(self, model: nnx.Module, prefixes: Sequence[Sequence[int]],
-                     sources: Sequence[int | None]) -> SamplerState:
+                     sources: Sequence[int | None], capacity: int = 0) -> SamplerState:
         """Prefills each prefix once and copies its cache row into every row that names it
         (`continuation.fork_prefill`)."""
-        return continuation.fork_prefill(self, model, prefixes, sources)
+        return continuation.fork_prefill(self, model, prefixes, sources, capacity)
 
     def fork_groups(self, model: nnx.Module, prompts: Sequence[Sequence[int]],
-                    groups: Sequence[Any]) -> tuple[SamplerState | None, int]:
+                    groups: Sequence[Any], max_prompt_tokens: int = 0,
+                    max_new_tokens: int = 1) -> tuple[SamplerState | None, int]:
         """A state in which rows with equal `groups` keys share one prefill of their common
-        prefix, and the tokens it computed (`continuation.fork_groups`)."""
-        return continuation.fork_groups(self, model, prompts, groups)
+        prefix, and the tokens it computed (`continuation.fork_groups`); with
+        `max_prompt_tokens`, sized for that stream as `generate` sizes it."""
+        return continuation.fork_groups(self, model, prompts, groups, max_prompt_tokens,
+                                        max_new_tokens)
 
     @property
     def num_compilations(self) -> int:

@@ -17,8 +17,9 @@ dead (left padding, decode steps after a row stopped, rolled-back text) are recl
 and never attended over again. The compacted cache is sized to this call
 (`capacity_bucket` of kept + prompt block + new tokens), so its size follows what the
 dialogue holds, not how many turns it took to get there; a caller that knows its prompt
-cap (`max_prompt_tokens`, the LLM user) gets that cap's capacity from the first call, so
-its growing dialogues keep one capacity and compile nothing new.
+cap (`max_prompt_tokens`, the LLM user) gets that cap's capacity from the first call (and
+from `fork_groups`), and its first prompts are fed in extension blocks like its
+continuations, so its growing dialogues keep one capacity and compile nothing new.
 
 Decode on CPU runs the decoder layers as an unrolled loop over per-layer copies of the
 weights (`decode_layers`, `qwen2.unstack_layers`): a scan over the stacked weights made

@@ -22,8 +22,8 @@ its growing dialogues keep one capacity and compile nothing new.
 
 Decode on CPU runs the decoder layers as an unrolled loop over per-layer copies of the
 weights (`decode_layers`, `qwen2.unstack_layers`): a scan over the stacked weights made
-XLA:CPU copy every layer's weights before its matmuls, every step. A tied head is read from
-a [D, V] copy of the table (`decode_head`): XLA:CPU's batch-8 matmul streams it faster.
+XLA:CPU copy every layer's weights before its matmuls, every step; a tied head is read from
+a [D, V] copy of the table (`decode_head`), which XLA:CPU's batch > 1 matmul streams faster.
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -217,10 +217,10 @@ class Sampler:
             self._unstacked = (sources, self._unstack(stacked))
         return self._unstacked[1]
 
-    def decode_head(self, model: nnx.Module):
-        """The tied head as a [D, V] copy of the embedding, for unrolled (CPU) decode (None
-        otherwise; an untied head is stored [D, V]), kept until the table changes."""
-        if not self.unrolled_decode or model.lm_head is not None:
+    def decode_head(self, model: nnx.Module, batch: int):
+        """A [D, V] copy of the tied head for unrolled (CPU) decode of `batch` > 1 rows (None
+        otherwise: an untied head is stored so; one row reads the table as fast in place)."""
+        if batch < 2 or not self.unrolled_decode or model.lm_head is not None:
             return None
         table = model.embed.get_value()
         if self._head is None or self._head[0] is not table:
@@ -380,8 +380,8 @@ class Sampler:
         toks, lps, raws, stopped, cache = self._decode(
             weights, cache, logits, self._place(alive), keys, jnp.int32(max_new_tokens),
             jnp.asarray(stops), jnp.float32(temperature), jnp.int32(top_k),
-            jnp.float32(top_p), self.decode_layer_weights(model), self.decode_head(model),
-            max_new_bucket=max_new_bucket)
+            jnp.float32(top_p), self.decode_layer_weights(model),
+            self.decode_head(model, batch * processes), max_new_bucket=max_new_bucket)
 
         toks, lps, raws, stopped = (self._host(x) for x in (toks, lps, raws, stopped))
         out_tokens, out_lps, out_raws = [], [], []

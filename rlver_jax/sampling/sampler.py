@@ -22,9 +22,8 @@ from `fork_groups`), and its first prompts are fed in extension blocks like its
 continuations, so its growing dialogues keep one capacity and compile nothing new.
 
 Decode on CPU runs the decoder layers as an unrolled loop over per-layer copies of the
-weights (`decode_layers`, `qwen2.unstack_layers`): a scan over the stacked weights made
-XLA:CPU copy every layer's weights before its matmuls, every step; a tied head is read from
-a [D, V] copy of the table (`decode_head`), which XLA:CPU's batch > 1 matmul streams faster.
+weights and reads a tied head from a [D, V] copy of the table (`decode_layers`,
+`decode_weights.DecodeWeightCopies`).
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
 dialogues) and every process must make the same sequence of calls; a process with nothing
@@ -45,8 +44,9 @@ import numpy as np
 from flax import nnx
 
 from rlver_jax import distributed
-from rlver_jax.models.qwen2 import KVCache, init_cache, unstack_layers
+from rlver_jax.models.qwen2 import KVCache, init_cache
 from rlver_jax.sampling import continuation
+from rlver_jax.sampling.decode_weights import DecodeWeightCopies
 from rlver_jax.sampling.continuation import (  # noqa: F401  (re-exported)
     CAPACITY_BUCKETS_PER_OCTAVE, EXTENSION_BLOCK, SamplerState, capacity_bucket, kept_prefix,
     next_power_of_two)
@@ -117,11 +117,7 @@ class Sampler:
         self._fork = jax.jit(self._fork_impl)
         self.unrolled_decode = (decode_layers == "unrolled" or
                                 (decode_layers == "auto" and jax.default_backend() == "cpu"))
-        self._unstack = jax.jit(unstack_layers)
-        # (the stacked arrays, their per-layer copies) and (the embedding, its [D, V] copy):
-        # holding the sources keeps their identity a valid key; new weights replace a pair.
-        self._unstacked: tuple[tuple, Any] | None = None
-        self._head: tuple[Any, Any] | None = None
+        self._weight_copies = DecodeWeightCopies()
 
     # -------------------------------------------------------------- jitted programs
     def _prefill_impl(self, weights, cache, tokens, mask):
@@ -204,30 +200,12 @@ class Sampler:
                                   max_new_bucket=max_new_bucket)
 
     def decode_layer_weights(self, model: nnx.Module):
-        """The per-layer weights that decode reads (None when it scans the stack): made
-        once per set of weights and kept until another set comes."""
-        if not self.unrolled_decode:
-            return None
-        stack = model.layers
-        stacked = {name: getattr(stack, name).get_value() for name in
-                   stack.param_specs(stack.config)}
-        sources = tuple(stacked.values())
-        if (self._unstacked is None
-                or any(a is not b for a, b in zip(self._unstacked[0], sources))):
-            self._unstacked = None  # the old copies go before the new ones are made
-            self._unstacked = (sources, self._unstack(stacked))
-        return self._unstacked[1]
+        """The per-layer weights that decode reads (None when it scans the stack)."""
+        return self._weight_copies.layers(model) if self.unrolled_decode else None
 
     def decode_head(self, model: nnx.Module, batch: int):
-        """A [D, V] copy of the tied head for unrolled (CPU) decode of `batch` > 1 rows (None
-        otherwise: an untied head is stored so; one row reads the table as fast in place)."""
-        if batch < 2 or not self.unrolled_decode or model.lm_head is not None:
-            return None
-        table = model.embed.get_value()
-        if self._head is None or self._head[0] is not table:
-            self._head = None
-            self._head = (table, table.T)
-        return self._head[1]
+        """The [D, V] tied head that decode of `batch` rows reads, or None (the model's)."""
+        return self._weight_copies.head(model, batch) if self.unrolled_decode else None
 
     # -------------------------------------------------------------------- host API
     def _place(self, x):

@@ -1,5 +1,6 @@
-"""Test setup: CPU only, 8 fake devices for sharding tests, float32 matmuls, and a
-persistent compilation cache shared by the test processes and their subprocesses."""
+"""Test setup: CPU only, 8 fake devices for sharding tests, float32 matmuls, a persistent
+compilation cache shared by the test processes and their subprocesses, and the slowest test
+files collected first (for pytest-xdist's scheduling)."""
 
 import os
 from pathlib import Path
@@ -32,6 +33,27 @@ def single_device_env() -> dict:
     """The environment for a subprocess that should see one CPU device."""
     flags = os.environ["XLA_FLAGS"].replace(FAKE_DEVICES_FLAG, "").strip()
     return {**os.environ, "XLA_FLAGS": flags, "PYTHONUNBUFFERED": "1"}
+
+
+# `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: whole files go
+# to the two workers in collection order, the next file to whichever worker runs low. These
+# files hold the slowest tests (subprocess trainings; CI seconds on two busy cores in
+# brackets) and go first, longest first, so that the files left for the end are short and
+# both workers finish together. xdist's default order (most tests first) handed them out
+# last, where one worker ran them while the other sat idle.
+SLOWEST_FILES_FIRST = (
+    "test_multihost.py",           # two 2-process trainings, a resume, an export (~150 s)
+    "test_train_cli.py",           # the CLI end to end, SIGTERM, errors at start (~115 s)
+    "test_train_default_run.py",   # the 40-step default command (~105 s)
+    "test_train_resume.py",        # PPO killed, resumed and exported (~80 s)
+    "test_storage.py",             # train, resume, export, evaluate through gs:// (~75 s)
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    # A stable sort: every other file keeps its collection order, after these.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

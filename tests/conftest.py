@@ -36,17 +36,28 @@ def single_device_env() -> dict:
 
 
 # `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: whole files go
-# to the two workers in collection order, the next file to whichever worker runs low. These
-# files hold the slowest tests (subprocess trainings; CI seconds on two busy cores in
-# brackets) and go first, longest first, so that the files left for the end are short and
-# both workers finish together. xdist's default order (most tests first) handed them out
-# last, where one worker ran them while the other sat idle.
+# to the two workers in collection order, the next file to whichever worker runs low. The
+# files below go first, longest first (seconds: one pytest process on a busy 2-core machine),
+# so that the files left for the end are short and both workers finish together. A file
+# whose tests take more than ~15 s belongs in this list.
 SLOWEST_FILES_FIRST = (
-    "test_multihost.py",           # two 2-process trainings, a resume, an export (~150 s)
-    "test_train_cli.py",           # the CLI end to end, SIGTERM, errors at start (~115 s)
-    "test_train_default_run.py",   # the 40-step default command (~105 s)
-    "test_train_resume.py",        # PPO killed, resumed and exported (~80 s)
-    "test_storage.py",             # train, resume, export, evaluate through gs:// (~75 s)
+    "test_sampler.py",             # ~100 s
+    "test_train_default_run.py",   # ~90 s: the 40-step default command
+    "test_multihost.py",           # ~80 s: 2-process trainings, a resume
+    "test_train_cli.py",           # ~75 s: the train command end to end, SIGTERM, errors
+    "test_sharding.py",            # ~65 s
+    "test_train_resume.py",        # ~55 s: PPO killed, resumed and exported
+    "test_evaluate.py",            # ~55 s
+    "test_update.py",              # ~45 s
+    "test_rollout.py",             # ~45 s
+    "test_storage.py",             # ~45 s: train, resume, export, evaluate through gs://
+    "test_model_parity.py",        # ~45 s
+    "test_plan.py",                # ~40 s
+    "test_numerics.py",            # ~35 s
+    "test_train.py",               # ~30 s
+    "test_attention.py",           # ~20 s
+    "test_losses.py",              # ~15 s
+    "test_critic.py",              # ~15 s
 )
 
 

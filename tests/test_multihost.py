@@ -15,7 +15,7 @@ import pytest
 
 from rlver_jax import distributed
 from rlver_jax.metrics import read_metrics
-from tests.conftest import FAST_COMPILE_FLAGS
+from tests.conftest import FAST_COMPILE_FLAGS, single_device_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -129,13 +129,12 @@ LOCAL_PREFIXES = ("time/", "throughput/", "compile/")
 
 def test_two_processes_run_the_train_command_resume_and_export(tmp_path):
     workdir = tmp_path / "run"
-    # One step, then a second run that resumes for the next one and evaluates after it.
-    _train_two_processes(workdir, total_steps=1)
-    outputs = _train_two_processes(workdir, total_steps=2)  # resumes from step 1
-    assert "resumed from step 1" in outputs[0]
+    _train_two_processes(workdir, total_steps=2)
+    outputs = _train_two_processes(workdir, total_steps=3)  # resumes from step 2
+    assert "resumed from step 2" in outputs[0]
 
     main, other = _shared_metrics(workdir)
-    assert [r["step"] for r in main] == [0, 1]
+    assert [r["step"] for r in main] == [0, 1, 2]
     assert main == other
     for a in main:
         # Reduced over both hosts' dialogues (4 each), not one host's.
@@ -145,15 +144,17 @@ def test_two_processes_run_the_train_command_resume_and_export(tmp_path):
     assert main[1]["eval/score"] == other[1]["eval/score"] and "eval/score" not in main[0]
     assert not (workdir / "tensorboard").exists()
     logged = [json.loads(line) for line in (workdir / "dialogues.jsonl").read_text().splitlines()]
-    assert {d["step"] for d in logged} == {0, 1}
+    assert {d["step"] for d in logged} == {0, 1, 2}
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [1, 2]
+    assert steps == [2, 3]
 
-    # One process (this one) exports what two wrote; the weights are the ones the run
-    # trained.
-    from rlver_jax import export
+    # One process exports what two wrote; the weights are the ones the run trained.
     out = tmp_path / "hf"
-    assert export.main(["export", f"--workdir={workdir}", f"--out={out}"]) == 0
+    env = {k: v for k, v in single_device_env().items() if not k.startswith("RLVER_")}
+    proc = subprocess.run([sys.executable, "-m", "rlver_jax.export", f"--workdir={workdir}",
+                           f"--out={out}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     from rlver_jax.models.safetensors_io import SafetensorsFile
     squares = 0.0
     for path in sorted(out.glob("*.safetensors")):

@@ -19,7 +19,7 @@ from tests.train_support import assert_same_records, lose_last_checkpoint, run_c
 PPO = ["--config.rl.algorithm=ppo", "--config.rollout.group_size=1",
        "--config.rollout.batch_dialogues=2", "--config.rollout.top_p=0.7",
        "--config.rl.tis_cap=2.0", "--config.checkpoint.every=1", "--config.log.plots=false",
-       "--config.total_steps=2"]
+       "--config.total_steps=3"]
 
 
 def test_ppo_cli_trains_resumes_after_a_kill_and_exports_policy_and_critic(tmp_path):
@@ -40,7 +40,7 @@ def test_ppo_cli_trains_resumes_after_a_kill_and_exports_policy_and_critic(tmp_p
 
     lose_last_checkpoint(tmp_path)
     proc = run_cli(tmp_path, *PPO)
-    assert "resumed from step 1" in proc.stderr
+    assert "resumed from step 2" in proc.stderr
     assert_same_records(straight, read_metrics(tmp_path / "metrics.jsonl"))
 
     for kind in ("policy", "critic"):

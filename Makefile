@@ -19,8 +19,9 @@ $(STAMP): setup.cfg pyproject.toml
 train: $(STAMP)
 	$(PY) -m rlver_jax.train --workdir runs/tiny $(TRAIN_ARGS)
 
+# Files in collection order, which tests/conftest.py starts with the slowest ones.
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --suite $(BENCH_SUITE)

@@ -1,5 +1,6 @@
-"""Test setup: CPU only, 8 fake devices for sharding tests, float32 matmuls, and a
-persistent compilation cache shared by the test processes and their subprocesses."""
+"""Test setup: CPU only, 8 fake devices for sharding tests, float32 matmuls, a persistent
+compilation cache shared by the test processes and their subprocesses, and the slowest test
+files collected first (for pytest-xdist's scheduling)."""
 
 import os
 from pathlib import Path
@@ -32,6 +33,38 @@ def single_device_env() -> dict:
     """The environment for a subprocess that should see one CPU device."""
     flags = os.environ["XLA_FLAGS"].replace(FAKE_DEVICES_FLAG, "").strip()
     return {**os.environ, "XLA_FLAGS": flags, "PYTHONUNBUFFERED": "1"}
+
+
+# `make test` runs pytest-xdist with --dist loadfile --no-loadscope-reorder: whole files go
+# to the two workers in collection order, the next file to whichever worker runs low. The
+# files below go first, longest first (seconds: one pytest process on a busy 2-core machine),
+# so that the files left for the end are short and both workers finish together. A file
+# whose tests take more than ~15 s belongs in this list.
+SLOWEST_FILES_FIRST = (
+    "test_sampler.py",             # ~100 s
+    "test_train_default_run.py",   # ~90 s: the 40-step default command
+    "test_multihost.py",           # ~80 s: 2-process trainings, a resume
+    "test_train_cli.py",           # ~75 s: the train command end to end, SIGTERM, errors
+    "test_sharding.py",            # ~65 s
+    "test_train_resume.py",        # ~55 s: PPO killed, resumed and exported
+    "test_evaluate.py",            # ~55 s
+    "test_update.py",              # ~45 s
+    "test_rollout.py",             # ~45 s
+    "test_storage.py",             # ~45 s: train, resume, export, evaluate through gs://
+    "test_model_parity.py",        # ~45 s
+    "test_plan.py",                # ~40 s
+    "test_numerics.py",            # ~35 s
+    "test_train.py",               # ~30 s
+    "test_attention.py",           # ~20 s
+    "test_losses.py",              # ~15 s
+    "test_critic.py",              # ~15 s
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
+    # A stable sort: every other file keeps its collection order, after these.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """Configs from any directory: shipped names resolve, the `configs` package is installed with
 the project, and a user's own config file builds on the shipped ones. (The train command run
-from a temporary directory is tests/test_train.py's end-to-end test.)"""
+from a temporary directory is tests/test_train_cli.py's end-to-end test.)"""
 
 import configparser
 import os

@@ -99,7 +99,7 @@ def test_uncached_hub_id_offline_is_a_one_line_error(offline_cache, tmp_path):
     # The trainer accepts a hub id in its config and fails on it with the same line.
     from rlver_jax.config_checks import ConfigError, validate_config
     from rlver_jax.train import train
-    from tests.test_train import small_config
+    from tests.train_support import small_config
     c = small_config(1)
     c.policy.hf_dir = "nobody/missing"
     validate_config(c)

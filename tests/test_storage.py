@@ -116,7 +116,7 @@ def test_train_resume_export_evaluate_round_trip_through_gs(gcs, tmp_path):
     from rlver_jax.checkpoint import Checkpointer
     from rlver_jax.metrics import read_metrics
     from rlver_jax.train import train
-    from tests.test_train import comparable, small_config
+    from tests.train_support import comparable, small_config
 
     straight = train(small_config(3), str(tmp_path / "straight")).history
     run = storage.join(gcs, "run")

@@ -16,9 +16,9 @@ things autodiff does badly on CPU:
   read back. Here only gate and up are saved; the backward recomputes the rest
   elementwise, which is cheaper than the memory traffic.
 
-The backward's elementwise terms are written in the order autodiff evaluates them (the
-logistic's JVP is g * (s * logistic(-x))), so gradients match autodiff's to rounding of
-the matmuls' own summation, which is unchanged.
+The backward's elementwise terms follow autodiff's order, with the logistic's derivative
+written s * (1 - s) rather than autodiff's s * logistic(-x) (one exponential fewer per
+element): float32 gradients match autodiff's to about 1e-7 of their scale, not bit for bit.
 """
 
 from __future__ import annotations
@@ -57,14 +57,15 @@ def _swiglu_bwd(res, g):
     d, n = h_t.shape
     b, t, _ = g.shape
     # Down projection, as autodiff writes it (the gated product is recomputed, not saved).
-    gated = _gated(gate, up)
-    d_w_down = jnp.einsum("BTF,BTD->FD", gated, g)
-    d_gated = constrain(jnp.einsum("BTD,FD->BTF", g, w_down), _MLP_AXES)
-    # silu(x) * up = x * s * up, s = logistic(x): autodiff's terms, in its order.
     s = jax.nn.sigmoid(gate)
+    silu = gate * s                                # as jax.nn.silu: CSE shares s
+    d_w_down = jnp.einsum("BTF,BTD->FD", constrain(silu * up, _MLP_AXES), g)
+    d_gated = constrain(jnp.einsum("BTD,FD->BTF", g, w_down), _MLP_AXES)
+    # silu(x) * up = x * s * up: autodiff's terms in its order, except that the logistic's
+    # derivative s * logistic(-x) is s * (1 - s), one exponential fewer per element.
     d_silu = d_gated * up
-    d_up = (gate * s) * d_gated
-    d_gate = d_silu * s + (gate * d_silu) * (s * jax.nn.sigmoid(-gate))
+    d_up = silu * d_gated
+    d_gate = d_silu * s + (gate * d_silu) * (s * (1 - s))
     d_gate, d_up = d_gate.reshape(n, -1), d_up.reshape(n, -1)
     dh = (jnp.einsum("NF,DF->ND", d_gate, w_gate) + jnp.einsum("NF,DF->ND", d_up, w_up))
     return (dh.reshape(b, t, d).astype(h_t.dtype), jnp.dot(h_t, d_gate).astype(w_gate.dtype),

@@ -13,12 +13,13 @@ things autodiff does badly on CPU:
 * Residuals. Autodiff saves every intermediate of silu(gate) * up that its backward reads
   (the sigmoid, its mirror, silu(gate), the product) as [L, B, T, F] stacks of the layer
   scan: each is zero-filled, written layer by layer, copied into the backward loop and
-  read back. Here only gate and up are saved; the backward recomputes the rest
-  elementwise, which is cheaper than the memory traffic.
+  read back. Here only gate and up are saved, and the backward recomputes the rest
+  elementwise (one exponential and a few multiplies per element). small-100m, B2, float32:
+  XLA's temporary bytes of the update step fall from 5.0 to 3.3 GB at T = 2,048.
 
-The backward's elementwise terms follow autodiff's order, with the logistic's derivative
-written s * (1 - s) rather than autodiff's s * logistic(-x) (one exponential fewer per
-element): float32 gradients match autodiff's to about 1e-7 of their scale, not bit for bit.
+The backward's terms are autodiff's, in its order (the logistic's derivative written
+s * (1 - s), one exponential fewer per element than recomputing logistic(-x)); on XLA:CPU
+the float32 gradients came out bit-identical to autodiff's of the plain einsums.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def _swiglu_bwd(res, g):
     # Down projection, as autodiff writes it (the gated product is recomputed, not saved).
     s = jax.nn.sigmoid(gate)
     silu = gate * s                                # as jax.nn.silu: CSE shares s
-    d_w_down = jnp.einsum("BTF,BTD->FD", constrain(silu * up, _MLP_AXES), g)
+    # [D, F] then transposed, as autodiff's transpose rule writes it (same summation).
+    d_w_down = jnp.einsum("BTD,BTF->DF", g, constrain(silu * up, _MLP_AXES)).T
     d_gated = constrain(jnp.einsum("BTD,FD->BTF", g, w_down), _MLP_AXES)
     # silu(x) * up = x * s * up: autodiff's terms in its order, except that the logistic's
     # derivative s * logistic(-x) is s * (1 - s), one exponential fewer per element.

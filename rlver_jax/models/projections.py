@@ -37,19 +37,21 @@ def _gated(gate, up):
     return constrain(jax.nn.silu(gate) * up, _MLP_AXES)
 
 
+def _forward(h, w_gate, w_up, w_down):
+    gate = jnp.einsum("BTD,DF->BTF", h, w_gate)
+    up = jnp.einsum("BTD,DF->BTF", h, w_up)
+    return jnp.einsum("BTF,FD->BTD", _gated(gate, up), w_down), gate, up
+
+
 @jax.custom_vjp
 def swiglu_mlp(h, w_gate, w_up, w_down):
     """(silu(h @ w_gate) * (h @ w_up)) @ w_down: h [B, T, D], w_gate / w_up [D, F],
     w_down [F, D] -> [B, T, D]."""
-    gate = jnp.einsum("BTD,DF->BTF", h, w_gate)
-    up = jnp.einsum("BTD,DF->BTF", h, w_up)
-    return jnp.einsum("BTF,FD->BTD", _gated(gate, up), w_down)
+    return _forward(h, w_gate, w_up, w_down)[0]
 
 
 def _swiglu_fwd(h, w_gate, w_up, w_down):
-    gate = jnp.einsum("BTD,DF->BTF", h, w_gate)
-    up = jnp.einsum("BTD,DF->BTF", h, w_up)
-    out = jnp.einsum("BTF,FD->BTD", _gated(gate, up), w_down)
+    out, gate, up = _forward(h, w_gate, w_up, w_down)
     b, t, d = h.shape
     return out, (h.reshape(b * t, d).T, gate, up, w_gate, w_up, w_down)
 
@@ -58,10 +60,9 @@ def _swiglu_bwd(res, g):
     h_t, gate, up, w_gate, w_up, w_down = res
     d, n = h_t.shape
     b, t, _ = g.shape
-    # Down projection, as autodiff writes it (the gated product is recomputed, not saved).
     s = jax.nn.sigmoid(gate)
-    silu = gate * s                                # as jax.nn.silu: CSE shares s
-    # [D, F] then transposed, as autodiff's transpose rule writes it (same summation).
+    silu = gate * s                    # jax.nn.silu's own expression, so s is shared
+    # The down projection's gradients in autodiff's form: [D, F] then transposed.
     d_w_down = jnp.einsum("BTD,BTF->DF", g, constrain(silu * up, _MLP_AXES)).T
     d_gated = constrain(jnp.einsum("BTD,FD->BTF", g, w_down), _MLP_AXES)
     # silu(x) * up = x * s * up: autodiff's terms in its order, except that the logistic's

@@ -138,24 +138,43 @@ def test_critic_step_reduces_value_loss():
     assert losses[-1] < losses[0] * 0.5
 
 
-def test_gate_up_projection_matches_autodiff_of_the_einsums():
-    from rlver_jax.models.qwen2 import gate_up_projection
-
+def _swiglu_value_and_grads(fn, dtype):
     keys = jax.random.split(jax.random.key(0), 5)
-    h = jax.random.normal(keys[0], (2, 7, 16))
-    w_gate, w_up = (jax.random.normal(k, (16, 24)) for k in keys[1:3])
-    cot_gate, cot_up = (jax.random.normal(k, (2, 7, 24)) for k in keys[3:5])
+    h = jax.random.normal(keys[0], (2, 7, 16), dtype)
+    w_gate, w_up = (jax.random.normal(k, (16, 24), dtype) for k in keys[1:3])
+    w_down = jax.random.normal(keys[3], (24, 16), dtype) * 0.3
+    cot = jax.random.normal(keys[4], (2, 7, 16), jnp.float32)
 
-    def loss(fn):
-        def f(h, wg, wu):
-            gate, up = fn(h, wg, wu)
-            return jnp.sum(jax.nn.silu(gate) * up * cot_gate + up * cot_up)
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(h, w_gate, w_up)
+    def f(*args):
+        return jnp.sum(fn(*args).astype(jnp.float32) * cot)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2, 3)))(h, w_gate, w_up, w_down)
 
-    einsums = lambda h, wg, wu: (jnp.einsum("BTD,DF->BTF", h, wg),
-                                 jnp.einsum("BTD,DF->BTF", h, wu))
-    (got, got_grads), (ref, ref_grads) = loss(gate_up_projection), loss(einsums)
+
+def _swiglu_einsums(h, wg, wu, wd):
+    gate, up = jnp.einsum("BTD,DF->BTF", h, wg), jnp.einsum("BTD,DF->BTF", h, wu)
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, wd)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_swiglu_mlp_matches_autodiff_of_the_einsums(dtype, tol):
+    from rlver_jax.models.projections import swiglu_mlp
+
+    (got, got_grads) = _swiglu_value_and_grads(swiglu_mlp, dtype)
+    (ref, ref_grads) = _swiglu_value_and_grads(_swiglu_einsums, dtype)
     np.testing.assert_allclose(got, ref, rtol=1e-6)
-    for g, r in zip(got_grads, ref_grads):   # d h, d w_gate, d w_up
-        assert g.shape == r.shape and g.dtype == r.dtype
-        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    for g, r in zip(got_grads, ref_grads):   # d h, d w_gate, d w_up, d w_down
+        assert g.shape == r.shape and g.dtype == r.dtype == dtype
+        scale = float(jnp.max(jnp.abs(r.astype(jnp.float32))))
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                   rtol=tol, atol=tol * scale)
+
+
+def test_swiglu_mlp_saves_only_its_matmul_inputs_and_outputs():
+    """The backward's residuals: h (transposed), gate, up and the three weights; autodiff
+    of the einsums also saves the SiLU's intermediates and the gated product."""
+    from rlver_jax.models.projections import swiglu_mlp
+
+    args = (jnp.ones((2, 7, 16)), jnp.ones((16, 24)), jnp.ones((16, 24)), jnp.ones((24, 16)))
+    sizes = lambda fn: sorted(r.size for r in jax.tree.leaves(jax.vjp(fn, *args)[1]))
+    assert sizes(swiglu_mlp) == sorted([14 * 16, 14 * 24, 14 * 24, 16 * 24, 16 * 24, 24 * 16])
+    assert sum(s == 14 * 24 for s in sizes(_swiglu_einsums)) > 2

@@ -55,8 +55,9 @@ def test_default_run_learns_and_reproduces_the_recorded_metrics(tmp_path):
     every deterministic key of every step of tests/data/default_run_metrics.jsonl, so a
     change that moves the computation fails here. The fixture was recorded before the
     trunk was restructured and re-recorded only for changes that move float32 rounding
-    (the stacked decode cache, cache compaction, the gate/up custom backward and the
-    vocab-major tied head: 7th-digit moves; the commits that re-record it say so).
+    (the stacked decode cache, cache compaction, the gate/up custom backward, the
+    vocab-major tied head and decode's [D, V] head copy: 7th-digit moves; the commits that
+    re-record it say so).
 
     It runs as the recording did: the command, one device and XLA's default compiler
     flags (the suite's cheaper LLVM passes move float32 results in the 7th digit). The

@@ -7,26 +7,68 @@ import jax
 import jax.numpy as jnp
 
 
+# Bisection steps that pin a float32 threshold exactly: one per bit of its ordered key.
+_THRESHOLD_BISECTION_STEPS = 32
+
+
+def _ordered_key(x: jax.Array) -> jax.Array:
+    """int32 keys that order like the float32 values (negative floats' bits reversed)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, jnp.int32(-2**31) - bits, bits)
+
+
+def _from_ordered_key(key: jax.Array) -> jax.Array:
+    bits = jnp.where(key < 0, jnp.int32(-2**31) - key, key)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _smallest_kept_value(values: jax.Array, keeps) -> jax.Array:
+    """Per row of values [B, V], the smallest t (a value of that row) with keeps(t [B, 1]),
+    for a predicate that holds at the row's maximum and, once true, for every larger t:
+    a bisection over the values' ordered keys (an exact result in 32 steps of [B, V]
+    compares and sums; XLA:CPU's [B, V] sort costs several decode steps of a small model)."""
+    # Just below -inf: every key bisected lies in (lo, hi], all of them floats, no NaN.
+    lo = jnp.full(values.shape[:-1] + (1,), _ordered_key(jnp.float32(-jnp.inf)) - 1)
+    hi = _ordered_key(jnp.max(values, axis=-1, keepdims=True))   # keeps holds here
+
+    def step(_, bounds):
+        lo, hi = bounds
+        mid = (lo >> 1) + (hi >> 1) + (lo & hi & 1)              # no int32 overflow
+        # mid == lo once hi = lo + 1: the search is over, and lo is no float to try.
+        ok = keeps(_from_ordered_key(mid)) & (mid != lo)
+        return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+    _, hi = jax.lax.fori_loop(0, _THRESHOLD_BISECTION_STEPS, step, (lo, hi))
+    # hi: the smallest key whose predicate holds; the predicate only changes at values, so
+    # it is the key of a value of the row.
+    return _from_ordered_key(hi)
+
+
 def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
                   top_p: jax.Array) -> jax.Array:
     """Sampling log-probs [B, V]: temperature, then top-k, then top-p on the renormalised
-    top-k distribution (the order transformers uses). Removed tokens get -inf.
+    top-k distribution (the order transformers uses). Removed tokens get -inf; tokens tied
+    with the last kept one are kept (transformers compares with the k-th value too).
 
     top_k <= 0 and top_p >= 1 disable the filters. Temperature must be > 0 here.
+
+    Without a sort: a token of value v is kept when fewer than k tokens are above it and the
+    probability mass above it is below top_p (its place in the descending order), so the
+    kept set is everything at or above the smallest such v, found by bisection.
     """
     vocab = logits.shape[-1]
     scaled = logits / temperature
-    sorted_desc = -jnp.sort(-scaled, axis=-1)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    rank = jnp.arange(vocab)
-    in_top_k = rank[None, :] < k
-    sorted_probs = jax.nn.softmax(jnp.where(in_top_k, sorted_desc, -jnp.inf), axis=-1)
-    mass_before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
-    # top_p >= 1 must keep everything: the float32 cumsum reaches 1.0 before the last tokens,
-    # so `mass_before < 1` alone would drop tokens of probability below ~1e-7.
-    keep_sorted = in_top_k & ((mass_before < top_p) | (top_p >= 1.0) | (rank[None, :] == 0))
-    # The smallest kept logit is the threshold; ties at the threshold are kept.
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    k_threshold = _smallest_kept_value(
+        scaled, lambda t: jnp.sum(scaled > t, axis=-1, keepdims=True) < k)
+    in_top_k = scaled >= k_threshold
+    probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
+    # top_p >= 1 must keep everything: float32 sums reach 1.0 before the last tokens.
+    mass_above = lambda t: jnp.sum(jnp.where(scaled > t, probs, 0.0), axis=-1, keepdims=True)
+    p_threshold = _smallest_kept_value(
+        jnp.where(in_top_k, scaled, -jnp.inf),
+        lambda t: (mass_above(t) < top_p) | (top_p >= 1.0))
+    threshold = jnp.maximum(k_threshold, p_threshold)
     return jax.nn.log_softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
 
 
@@ -36,7 +78,7 @@ def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
 
     The sampling parameters are traced scalars, so the branches are `lax.cond`s rather than
     `jnp.where`s: on CPU the [B, V] sort of `filter_logits` costs more than a decode step of
-    a 100M model, and the categorical draw (B * V random numbers) nearly as much, so greedy
+    a 100M model (it is sort-free now, but still ~32 passes over [B, V]), and the categorical draw (B * V random numbers) nearly as much, so greedy
     skips both and untruncated sampling skips the sort.
     """
     raw = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)

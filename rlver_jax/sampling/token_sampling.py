@@ -77,9 +77,9 @@ def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
     raw: log-softmax of logits / temperature without top-k / top-p (temperature 1 if greedy).
 
     The sampling parameters are traced scalars, so the branches are `lax.cond`s rather than
-    `jnp.where`s: on CPU the [B, V] sort of `filter_logits` costs more than a decode step of
-    a 100M model (it is sort-free now, but still ~32 passes over [B, V]), and the categorical draw (B * V random numbers) nearly as much, so greedy
-    skips both and untruncated sampling skips the sort.
+    `jnp.where`s: on CPU `filter_logits` (two 32-step bisections over [B, V]) and the
+    categorical draw (B * V random numbers) each cost about as much as a decode step of a
+    small model, so greedy skips both and untruncated sampling skips the filter.
     """
     raw = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
     take = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]

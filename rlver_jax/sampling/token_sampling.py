@@ -59,15 +59,22 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
     vocab = logits.shape[-1]
     scaled = logits / temperature
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    k_threshold = _smallest_kept_value(
-        scaled, lambda t: jnp.sum(scaled > t, axis=-1, keepdims=True) < k)
+    # A disabled filter's bisection would return the row's minimum (top-k) or -inf
+    # (top-p); the conds skip its 32 passes, which a decode step pays for every token.
+    k_threshold = jax.lax.cond(
+        k < vocab,
+        lambda: _smallest_kept_value(
+            scaled, lambda t: jnp.sum(scaled > t, axis=-1, keepdims=True) < k),
+        lambda: jnp.min(scaled, axis=-1, keepdims=True))
     in_top_k = scaled >= k_threshold
     probs = jax.nn.softmax(jnp.where(in_top_k, scaled, -jnp.inf), axis=-1)
-    # top_p >= 1 must keep everything: float32 sums reach 1.0 before the last tokens.
     mass_above = lambda t: jnp.sum(jnp.where(scaled > t, probs, 0.0), axis=-1, keepdims=True)
-    p_threshold = _smallest_kept_value(
-        jnp.where(in_top_k, scaled, -jnp.inf),
-        lambda t: (mass_above(t) < top_p) | (top_p >= 1.0))
+    # top_p >= 1 must keep everything: float32 sums reach 1.0 before the last tokens.
+    p_threshold = jax.lax.cond(
+        top_p < 1.0,
+        lambda: _smallest_kept_value(jnp.where(in_top_k, scaled, -jnp.inf),
+                                     lambda t: mass_above(t) < top_p),
+        lambda: jnp.full_like(k_threshold, -jnp.inf))
     threshold = jnp.maximum(k_threshold, p_threshold)
     return jax.nn.log_softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
 

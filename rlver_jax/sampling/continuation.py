@@ -115,6 +115,16 @@ def compact(sampler, previous: SamplerState, batch: int, kept: list[int], start:
                capacity=capacity)
 
 
+def prefill_blocks(sampler, weights, cache, tokens: np.ndarray, mask: np.ndarray, block: int):
+    """Appends host [B, W] tokens to the cache `block` columns at a time (W a multiple of
+    it); returns the logits after each row's last token and the cache."""
+    logits = None
+    for b0 in range(0, tokens.shape[1], block):
+        logits, cache = sampler._prefill(weights, cache, sampler._place(tokens[:, b0:b0 + block]),
+                                         sampler._place(mask[:, b0:b0 + block]))
+    return logits, cache
+
+
 def fork_prefill(sampler, model: nnx.Module, prefixes: Sequence[Sequence[int]],
                  sources: Sequence[int | None], capacity: int = 0) -> SamplerState:
     """Prefills each prefix once and copies its cache row into every row that names it.
@@ -147,10 +157,7 @@ def fork_prefill(sampler, model: nnx.Module, prefixes: Sequence[Sequence[int]],
         mask[g, width - len(p):] = True
     mask[len(prefixes):, -1] = True  # padding rows: one dummy token, as in generate
     cache = sampler._new_cache(groups, capacity or width)
-    step = block or width
-    for b0 in range(0, width, step):
-        _, cache = sampler._prefill(weights, cache, sampler._place(tokens[:, b0:b0 + step]),
-                                    sampler._place(mask[:, b0:b0 + step]))
+    _, cache = prefill_blocks(sampler, weights, cache, tokens, mask, block or width)
     batch = next_power_of_two(len(sources))
     rows = np.zeros((batch,), np.int32)  # unused rows copy row 0; they are never continued
     rows[:len(sources)] = [0 if s is None else s for s in sources]

@@ -349,10 +349,8 @@ class Sampler:
                                        self.capacity_buckets_per_octave)
             cache = self._new_cache(batch * processes, capacity)
 
-        block = self.extension_block if in_blocks else width
-        for b0 in range(0, width, block):
-            logits, cache = self._prefill(weights, cache, self._place(tokens[:, b0:b0 + block]),
-                                          self._place(mask[:, b0:b0 + block]))
+        logits, cache = continuation.prefill_blocks(
+            self, weights, cache, tokens, mask, self.extension_block if in_blocks else width)
         alive = np.zeros((batch,), bool)
         alive[:n] = active
         # One stream per global row; every process computes the same [B_global] keys.

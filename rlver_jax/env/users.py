@@ -172,7 +172,10 @@ class LLMUser:
         kwargs = dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
                       stop_token_ids=self.tokenizer.eos_ids, seed=seed)
         if not s.reuse_cache:
-            out = self.sampler.generate(self.model, list(prompts), max_new, **kwargs)
+            # The same capped-stream programs as with reuse (block prefill, one capacity),
+            # so the comparison differs only in what is reused, not in what compiles.
+            out = self.sampler.generate(self.model, list(prompts), max_new,
+                                        max_prompt_tokens=s.max_prompt_tokens, **kwargs)
             tokens, forked = out.tokens, 0
         else:
             forked = 0

@@ -300,6 +300,33 @@ def measure_memory_bandwidth(nbytes: int = 256 * 1024**2, repeats: int = 5) -> f
     return 2 * n * 4 / t
 
 
+def measure_bandwidths(nbytes: int = 256 * 1024**2, repeats: int = 5) -> dict[str, float]:
+    """Every bandwidth probe (bytes/s) and `bandwidth_bytes_per_s`, the fastest of them,
+    which the rooflines use: a JAX copy (read + write), a read-only JAX matrix-vector
+    product over `nbytes` of float32 (what a decode step does to its weights), and on CPU a
+    NumPy copy. Every probe spans `nbytes`, well past the caches: a 64 MB copy read as
+    low as 12 GB/s on a machine whose 256 MB copy gave 27."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rates = {"bandwidth_jax_bytes_per_s": measure_memory_bandwidth(nbytes, repeats)}
+    matrix = jnp.ones((nbytes // 4 // 1024, 1024), jnp.float32)
+    vector = jnp.ones((1024,), jnp.float32)
+    gemv = jax.jit(lambda m, v: m @ v)
+    jax.block_until_ready(gemv(matrix, vector))
+    t = median_time(lambda: jax.block_until_ready(gemv(matrix, vector)), repeats)
+    rates["bandwidth_jax_read_bytes_per_s"] = matrix.nbytes / t
+    del matrix
+    if jax.default_backend() == "cpu":
+        src = np.ones(nbytes // 8)
+        dst = np.empty_like(src)
+        t = median_time(lambda: np.copyto(dst, src), repeats)
+        rates["bandwidth_numpy_bytes_per_s"] = 2 * src.nbytes / t
+    rates["bandwidth_bytes_per_s"] = max(rates.values())
+    return rates
+
+
 def measure_matmul_flops(size: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
     """FLOP/s of a square jnp.dot on the default device."""
     import jax

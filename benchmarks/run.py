@@ -113,18 +113,11 @@ def run_benchmark(module: str, argv: list[str]) -> tuple[int, float]:
 
 
 def measure_roofline(out: str) -> dict:
-    """Memory bandwidth (JAX copy; NumPy copy on CPU) and matmul rate of this machine."""
+    """Memory bandwidth (`common.measure_bandwidths`) and matmul rate of this machine."""
     import jax
-    import numpy as np
 
     machine = common.machine_info()
-    rates: dict[str, float] = {"bandwidth_jax_bytes_per_s": common.measure_memory_bandwidth()}
-    if jax.default_backend() == "cpu":
-        src = np.ones(64 * 1024**2 // 8)
-        dst = np.empty_like(src)
-        t = common.median_time(lambda: np.copyto(dst, src), 5)
-        rates["bandwidth_numpy_bytes_per_s"] = 2 * src.nbytes / t
-    rates["bandwidth_bytes_per_s"] = max(v for k, v in rates.items() if k.startswith("bandwidth"))
+    rates = common.measure_bandwidths()
     rates["matmul_float32_flops_per_s"] = common.measure_matmul_flops(dtype="float32")
     if jax.default_backend() != "cpu":
         rates["matmul_bfloat16_flops_per_s"] = common.measure_matmul_flops(

@@ -58,22 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 @functools.cache
 def _rates() -> dict[str, float]:
-    """Measured once per process: memory bandwidth (JAX copy; NumPy copy on CPU) and matmul."""
-    import jax
-    import numpy as np
-
-    bw_jax = common.measure_memory_bandwidth()
-    out = {"bandwidth_jax_bytes_per_s": bw_jax}
-    bandwidth = bw_jax
-    if jax.default_backend() == "cpu":
-        src = np.ones(64 * 1024**2 // 8)
-        dst = np.empty_like(src)
-        t = common.median_time(lambda: np.copyto(dst, src), 5)
-        out["bandwidth_numpy_bytes_per_s"] = 2 * src.nbytes / t
-        bandwidth = max(bandwidth, out["bandwidth_numpy_bytes_per_s"])
-    out["bandwidth_bytes_per_s"] = bandwidth
-    out["matmul_flops_per_s"] = common.measure_matmul_flops()
-    return out
+    """Measured once per process: memory bandwidth (`common.measure_bandwidths`) and matmul."""
+    return {**common.measure_bandwidths(), "matmul_flops_per_s": common.measure_matmul_flops()}
 
 
 def roofline(config, model, batch: int, prompt_len: int, new_tokens: int,

@@ -307,39 +307,38 @@ def test_seeds_streams_and_no_recompilation(models):
     assert sampler.num_compilations == before
 
 
-def test_unrolled_decode_equals_the_layer_scan(models):
-    """Decode over per-layer weight copies (the CPU default) computes what the scan over the
-    stacked weights computes, bit for bit with the model's own head; with the tied head's
-    [D, V] copy (also the CPU default) the same tokens, log-probs to float32 rounding. The
-    copies are made once per set of weights."""
-    _, _, config, model, sampler = models["mha-tied-odd"]
+@pytest.mark.parametrize("name", ["gqa2-untied", "mha-tied-odd"])
+def test_unrolled_decode_equals_the_layer_scan(models, name):
+    """Decode over the per-layer output-major copies (the CPU default), with or without its
+    [V, D] head, samples what the scan over the stacked weights samples: the same tokens,
+    log-probs to float32 rounding (the fused products sum in another order). The copies
+    are made once per set of weights; a tied head is the table itself, not a copy."""
+    _, _, config, model, sampler = models[name]
     assert sampler.unrolled_decode  # "auto" on CPU
     scan = Sampler(model, decode_layers="scan")
     layers_only = Sampler(model)
-    layers_only.decode_head = lambda model, batch: None
+    layers_only.decode_head = lambda model: None
     rng = np.random.default_rng(7)
     prompts = random_prompts(rng, config.vocab_size, [5, 12, 3])
     for kwargs in (dict(), dict(temperature=0.8, top_k=20, seed=3)):
-        a = layers_only.generate(model, prompts, 10, **kwargs)
-        b = scan.generate(model, prompts, 10, **kwargs)
-        assert a.tokens == b.tokens
-        assert a.raw_logprobs == b.raw_logprobs and a.logprobs == b.logprobs
-        c = sampler.generate(model, prompts, 10, **kwargs)
-        assert c.tokens == b.tokens
-        for got, want in ((c.raw_logprobs, b.raw_logprobs), (c.logprobs, b.logprobs)):
-            np.testing.assert_allclose(np.concatenate(got), np.concatenate(want),
-                                       atol=1e-5, rtol=0)
-    head = sampler.decode_head(model, 4)
-    np.testing.assert_array_equal(head, model.embed[...].T)
-    assert sampler.decode_head(model, 4) is head and scan.decode_head(model, 4) is None
-    assert sampler.decode_head(model, 1) is None
+        want = scan.generate(model, prompts, 10, **kwargs)
+        for unrolled in (layers_only, sampler):
+            got = unrolled.generate(model, prompts, 10, **kwargs)
+            assert got.tokens == want.tokens
+            for a, b in ((got.raw_logprobs, want.raw_logprobs), (got.logprobs, want.logprobs)):
+                np.testing.assert_allclose(np.concatenate(a), np.concatenate(b),
+                                           atol=1e-5, rtol=0)
+    head = sampler.decode_head(model)
+    np.testing.assert_array_equal(head, model.head_weight().T)
+    assert sampler.decode_head(model) is head and scan.decode_head(model) is None
+    assert (head is model.embed.get_value()) == config.tie_word_embeddings
     first = sampler.decode_layer_weights(model)
     assert len(first) == config.num_layers and sampler.decode_layer_weights(model) is first
     assert scan.decode_layer_weights(model) is None
     graphdef, state = nnx.split(model)
     other = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
     assert sampler.decode_layer_weights(other) is not first
-    assert sampler.decode_head(other, 4) is not head
+    assert sampler.decode_head(other) is not head
     with pytest.raises(ValueError, match="decode_layers='loop'"):
         Sampler(model, decode_layers="loop")
 

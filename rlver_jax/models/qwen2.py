@@ -27,6 +27,7 @@ from flax import nnx
 from rlver_jax.models import decode_attention
 from rlver_jax.models.attention import dot_product_attention
 from rlver_jax.models.config import Qwen2Config
+from rlver_jax.models import projections
 from rlver_jax.models.projections import swiglu_mlp
 from rlver_jax.sharding import constrain
 
@@ -116,10 +117,14 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
     dtype = config.jnp_dtype
     # No-ops when the weights are already in the compute dtype (the sampler's copy).
     w = {name: value.astype(dtype) for name, value in p.items()}
+    out_major = projections.OUT_MAJOR_KEY in p  # decode's copies (`out_major_layer`)
     h = rms_norm(x, p["input_norm"], config.rms_norm_eps)
-    q = jnp.einsum("BTD,DNH->BTNH", h, w["q_kernel"]) + w["q_bias"]
-    k = jnp.einsum("BTD,DKH->BTKH", h, w["k_kernel"]) + w["k_bias"]
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["v_kernel"]) + w["v_bias"]
+    if out_major:
+        q, k, v = projections.qkv_out_major(h, w, config.num_heads, config.num_kv_heads)
+    else:
+        q = jnp.einsum("BTD,DNH->BTNH", h, w["q_kernel"]) + w["q_bias"]
+        k = jnp.einsum("BTD,DKH->BTKH", h, w["k_kernel"]) + w["k_bias"]
+        v = jnp.einsum("BTD,DKH->BTKH", h, w["v_kernel"]) + w["v_bias"]
     q = apply_rotary(q, cos, sin)
     k = apply_rotary(k, cos, sin)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
@@ -143,12 +148,18 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
     # As one [N * H, D] matmul: over the two contracted axes XLA:CPU transposes the
     # weight (every layer, every decode step) instead of the small activation.
     b, t, n, hd = attn.shape
-    x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, n * hd),
-                       w["o_kernel"].reshape(n * hd, -1))
+    if out_major:
+        x = x + projections.out_major_dot(attn.reshape(b, t, n * hd), w["o_out_major"])
+    else:
+        x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, n * hd),
+                           w["o_kernel"].reshape(n * hd, -1))
     x = constrain(x, ("batch", "length", "embed"))
 
     h = rms_norm(x, p["post_norm"], config.rms_norm_eps)
-    x = x + swiglu_mlp(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"])
+    if out_major:
+        x = x + projections.swiglu_out_major(h, w)
+    else:
+        x = x + swiglu_mlp(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"])
     x = constrain(x, ("batch", "length", "embed"))
     return x, new_kv
 

@@ -21,8 +21,8 @@ cap (`max_prompt_tokens`, the LLM user) gets that cap's capacity from the first 
 from `fork_groups`), and its first prompts are fed in extension blocks like its
 continuations, so its growing dialogues keep one capacity and compile nothing new.
 
-Decode on CPU runs the decoder layers as an unrolled loop over per-layer copies of the
-weights and reads a tied head from a [D, V] copy of the table (`decode_layers`,
+Decode on CPU runs the decoder layers as an unrolled loop over per-layer, output-major
+copies of the weights and reads the head as [V, D] (`decode_layers`,
 `decode_weights.DecodeWeightCopies`).
 
 Multi-host: on a mesh that spans processes every process passes its own rows (its own
@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from rlver_jax import distributed
+from rlver_jax.models.projections import out_major_dot
 from rlver_jax.models.qwen2 import KVCache, init_cache
 from rlver_jax.sampling import continuation
 from rlver_jax.sampling.decode_weights import DecodeWeightCopies
@@ -143,9 +144,10 @@ class Sampler:
 
         logits [B, V]: next-token logits of each row; alive [B] bool (padding rows False);
         keys [B] per-row PRNG keys; layers: the decoder weights per layer
-        (`decode_layer_weights`) or None (scan the stacked ones); head: the [D, V] output
-        projection (`decode_head`) or None (the model's). Returns tokens/logprobs [B, M],
-        lengths [B], stopped [B], cache. Rows that stopped feed nothing more into it.
+        (`decode_layer_weights`) or None (scan the stacked ones); head: the output-major
+        [V, D] output projection (`decode_head`) or None (the model's). Returns
+        tokens/logprobs [B, M], lengths [B], stopped [B], cache. Rows that stopped feed
+        nothing more into it.
         """
         self.compilations["decode", logits.shape, cache.capacity, max_new_bucket] += 1
         model = nnx.merge(self.graphdef, weights)
@@ -175,8 +177,8 @@ class Sampler:
                                                     cache=cache, layer_weights=layers)
                 if head is None:
                     return model.logits_from_hidden(hidden)[:, -1], cache
-                return jnp.einsum("BD,DV->BV", hidden[:, -1], head.astype(hidden.dtype),
-                                  preferred_element_type=jnp.float32), cache
+                return out_major_dot(hidden[:, -1], head.astype(hidden.dtype),
+                                     preferred_element_type=jnp.float32), cache
 
             logits, cache = jax.lax.cond(jnp.any(still), feed, lambda c: (logits, c), cache)
             return step + 1, cache, logits, still, stopped, toks, lps, raws
@@ -203,9 +205,9 @@ class Sampler:
         """The per-layer weights that decode reads (None when it scans the stack)."""
         return self._weight_copies.layers(model) if self.unrolled_decode else None
 
-    def decode_head(self, model: nnx.Module, batch: int):
-        """The [D, V] tied head that decode of `batch` rows reads, or None (the model's)."""
-        return self._weight_copies.head(model, batch) if self.unrolled_decode else None
+    def decode_head(self, model: nnx.Module):
+        """The [V, D] head that decode reads, or None (the model's, when it scans)."""
+        return self._weight_copies.head(model) if self.unrolled_decode else None
 
     # -------------------------------------------------------------------- host API
     def _place(self, x):
@@ -362,7 +364,7 @@ class Sampler:
             weights, cache, logits, self._place(alive), keys, jnp.int32(max_new_tokens),
             jnp.asarray(stops), jnp.float32(temperature), jnp.int32(top_k),
             jnp.float32(top_p), self.decode_layer_weights(model),
-            self.decode_head(model, batch * processes), max_new_bucket=max_new_bucket)
+            self.decode_head(model), max_new_bucket=max_new_bucket)
 
         toks, lps, raws, stopped = (self._host(x) for x in (toks, lps, raws, stopped))
         out_tokens, out_lps, out_raws = [], [], []

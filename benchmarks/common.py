@@ -300,6 +300,19 @@ def measure_memory_bandwidth(nbytes: int = 256 * 1024**2, repeats: int = 5) -> f
     return 2 * n * 4 / t
 
 
+def _measure_read_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a float32 matrix-vector product over `nbytes` (each byte read once)."""
+    import jax
+    import jax.numpy as jnp
+
+    matrix = jnp.ones((nbytes // 4 // 1024, 1024), jnp.float32)
+    vector = jnp.ones((1024,), jnp.float32)
+    gemv = jax.jit(lambda m, v: m @ v)
+    jax.block_until_ready(gemv(matrix, vector))
+    return matrix.nbytes / median_time(lambda: jax.block_until_ready(gemv(matrix, vector)),
+                                       repeats)
+
+
 def measure_bandwidths(nbytes: int = 256 * 1024**2, repeats: int = 5) -> dict[str, float]:
     """Every bandwidth probe (bytes/s) and `bandwidth_bytes_per_s`, the fastest of them,
     which the rooflines use: a JAX copy (read + write), a read-only JAX matrix-vector
@@ -307,17 +320,10 @@ def measure_bandwidths(nbytes: int = 256 * 1024**2, repeats: int = 5) -> dict[st
     NumPy copy. Every probe spans `nbytes`, well past the caches: a 64 MB copy read as
     low as 12 GB/s on a machine whose 256 MB copy gave 27."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    rates = {"bandwidth_jax_bytes_per_s": measure_memory_bandwidth(nbytes, repeats)}
-    matrix = jnp.ones((nbytes // 4 // 1024, 1024), jnp.float32)
-    vector = jnp.ones((1024,), jnp.float32)
-    gemv = jax.jit(lambda m, v: m @ v)
-    jax.block_until_ready(gemv(matrix, vector))
-    t = median_time(lambda: jax.block_until_ready(gemv(matrix, vector)), repeats)
-    rates["bandwidth_jax_read_bytes_per_s"] = matrix.nbytes / t
-    del matrix
+    rates = {"bandwidth_jax_bytes_per_s": measure_memory_bandwidth(nbytes, repeats),
+             "bandwidth_jax_read_bytes_per_s": _measure_read_bandwidth(nbytes, repeats)}
     if jax.default_backend() == "cpu":
         src = np.ones(nbytes // 8)
         dst = np.empty_like(src)

@@ -104,7 +104,7 @@ def out_major_layer(p: dict[str, jax.Array]) -> dict[str, jax.Array]:
     as decode's copies: q / k / v fused into one [(N + 2K) H, D] weight with one bias,
     gate / up into one [2F, D], o as [D, N H], down as [D, F]; the norms as they are."""
     d = p["q_kernel"].shape[0]
-    qkv = [p[f"{name}_kernel"].reshape(d, -1) for name in ("q", "k", "v")]
+    qkv = [p[f"{name}_kernel"].reshape(d, -1) for name in "qkv"]
     return {
         "input_norm": p["input_norm"], "post_norm": p["post_norm"],
         OUT_MAJOR_KEY: jnp.concatenate(qkv, axis=1).T,

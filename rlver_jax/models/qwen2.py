@@ -24,11 +24,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlver_jax.models import decode_attention
+from rlver_jax.models import decode_attention, projections
 from rlver_jax.models.attention import dot_product_attention
 from rlver_jax.models.config import Qwen2Config
-from rlver_jax.models import projections
-from rlver_jax.models.projections import swiglu_mlp
 from rlver_jax.sharding import constrain
 
 
@@ -145,12 +143,12 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
         attn = dot_product_attention(q, keys, values, key_valid=key_valid,
                                      query_slots=query_slots, implementation=config.attention,
                                      causal_offset=0 if kv is None else None, layer=layer)
-    # As one [N * H, D] matmul: over the two contracted axes XLA:CPU transposes the
-    # weight (every layer, every decode step) instead of the small activation.
     b, t, n, hd = attn.shape
     if out_major:
         x = x + projections.out_major_dot(attn.reshape(b, t, n * hd), w["o_out_major"])
     else:
+        # As one [N * H, D] matmul: over the two contracted axes XLA:CPU transposes the
+        # weight (every call) instead of the small activation.
         x = x + jnp.einsum("BTE,ED->BTD", attn.reshape(b, t, n * hd),
                            w["o_kernel"].reshape(n * hd, -1))
     x = constrain(x, ("batch", "length", "embed"))
@@ -159,7 +157,7 @@ def decoder_layer(config: Qwen2Config, p: dict[str, jax.Array], x: jax.Array,
     if out_major:
         x = x + projections.swiglu_out_major(h, w)
     else:
-        x = x + swiglu_mlp(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"])
+        x = x + projections.swiglu_mlp(h, w["gate_kernel"], w["up_kernel"], w["down_kernel"])
     x = constrain(x, ("batch", "length", "embed"))
     return x, new_kv
 

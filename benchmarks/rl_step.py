@@ -112,46 +112,112 @@ def _mean(values) -> float | None:
     return statistics.fmean(values) if values else None
 
 
+class TrainerRun:
+    """One config's trainer, stepped from outside so that two settings can alternate."""
+
+    def __init__(self, path: str, total_steps: int, simulator_reuse: bool = True):
+        import jax
+
+        from rlver_jax import build
+        from rlver_jax import sharding as sharding_lib
+        from rlver_jax.step import States
+        from rlver_jax.train import make_programs
+
+        config = _load_config(path)
+        config.simulator.reuse_cache = simulator_reuse
+        config.total_steps = max(config.total_steps, total_steps)
+        config.log.plots = False
+        self.config = config
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        self.label = f"{self.name}, reuse {'on' if simulator_reuse else 'off'}"
+        t0 = time.perf_counter()
+        self.parts = build.build(config)
+        self.programs = make_programs(self.parts)
+        self.states = States(self.parts.policy_state, self.parts.critic_state)
+        self.build_s = time.perf_counter() - t0
+        self._mesh = lambda: jax.set_mesh(self.parts.layout.mesh)
+        self._rules = lambda: sharding_lib.logical_rules(self.parts.layout.rules)
+        self.per_step: list[dict] = []
+
+    def step(self, step: int, compiles: CompileCounter) -> dict:
+        """Runs trainer step `step`; returns (and keeps) its wall time, metrics, compiles."""
+        from rlver_jax.train import train_step
+
+        before, before_s = compiles.count, compiles.seconds
+        # train_step expects the mesh and logical rules that train() sets around it.
+        with self._mesh(), self._rules():
+            t0 = time.perf_counter()
+            self.states, metrics, _ = train_step(self.parts, self.programs, self.states,
+                                                 step)
+            wall = time.perf_counter() - t0
+        self.per_step.append({
+            "step": step, "wall_s": wall, "metrics": metrics,
+            "compiles": compiles.count - before, "compile_s": compiles.seconds - before_s,
+            "compiled": sorted(collections.Counter(compiles.names[before:]).items()),
+        })
+        s = self.per_step[-1]
+        print(f"rl_step {self.label} step {step}: {wall:.2f}s (simulator "
+              f"{metrics.get('time/simulator_s', 0.0):.2f}s), {s['compiles']} compiles "
+              f"({s['compile_s']:.1f}s), sampler programs "
+              f"{metrics['compile/sampler_programs']:.0f}", flush=True)
+        return s
+
+    def release(self) -> None:
+        del self.parts, self.programs, self.states
+
+    def record(self, warmup: int, steps: int, machine: dict) -> dict:
+        """The benchmark record over this trainer's steps so far."""
+        return _record(self.config, self.name, self.per_step, warmup, steps, self.build_s,
+                       machine)
+
+
 def measure_config(path: str, warmup: int, steps: int, machine: dict,
                    simulator_reuse: bool = True) -> dict:
     """Runs warm-up + measured trainer steps of one config; returns one record."""
-    import jax
-
-    from rlver_jax import build
-    from rlver_jax import sharding as sharding_lib
-    from rlver_jax.step import States
-    from rlver_jax.train import make_programs, train_step
-
-    config = _load_config(path)
-    config.simulator.reuse_cache = simulator_reuse
-    config.total_steps = max(config.total_steps, warmup + steps)
-    config.log.plots = False
-    name = os.path.splitext(os.path.basename(path))[0]
-    per_step = []
     with CompileCounter() as compiles:
-        t0 = time.perf_counter()
-        parts = build.build(config)
-        programs = make_programs(parts)
-        states = States(parts.policy_state, parts.critic_state)
-        build_s = time.perf_counter() - t0
-        # train_step expects the mesh and logical rules that train() sets around it.
-        with jax.set_mesh(parts.layout.mesh), sharding_lib.logical_rules(parts.layout.rules):
-            for step in range(warmup + steps):
-                before, before_s = compiles.count, compiles.seconds
-                t0 = time.perf_counter()
-                states, metrics, _ = train_step(parts, programs, states, step)
-                wall = time.perf_counter() - t0
-                per_step.append({
-                    "step": step, "wall_s": wall, "metrics": metrics,
-                    "compiles": compiles.count - before,
-                    "compile_s": compiles.seconds - before_s,
-                    "compiled": sorted(collections.Counter(compiles.names[before:]).items()),
-                })
-                print(f"rl_step {name} step {step}: {wall:.2f}s, "
-                      f"{per_step[-1]['compiles']} compiles "
-                      f"({per_step[-1]['compile_s']:.1f}s), sampler programs "
-                      f"{metrics['compile/sampler_programs']:.0f}", flush=True)
-        del parts, programs, states
+        trainer = TrainerRun(path, warmup + steps, simulator_reuse)
+        for step in range(warmup + steps):
+            trainer.step(step, compiles)
+        trainer.release()
+    return trainer.record(warmup, steps, machine)
+
+
+def measure_interleaved(path: str, settings: list[bool], warmup: int, steps: int,
+                        machine: dict) -> list[dict]:
+    """Both reuse settings in one process, their steps alternating (ABBA order).
+
+    The machine's speed drifts by tens of percent over minutes; stepping the settings one
+    after the other would put the drift on one side. Each record gets `interleaved_with`
+    and the per-step paired simulator-time ratios (`simulator_s_paired`).
+    """
+    with CompileCounter() as compiles:
+        trainers = [TrainerRun(path, warmup + steps, reuse) for reuse in settings]
+        for step in range(warmup + steps):
+            for trainer in (trainers if step % 2 == 0 else trainers[::-1]):
+                trainer.step(step, compiles)
+        for trainer in trainers:
+            trainer.release()
+    records = [t.record(warmup, steps, machine) for t in trainers]
+    simulator_s = [[s["metrics"]["time/simulator_s"] for s in t.per_step[warmup:]]
+                   for t in trainers]
+    for i, record in enumerate(records):
+        others = [j for j in range(len(records)) if j != i]
+        record["interleaved_with"] = [_label(records[j]) for j in others]
+        # The other setting's simulator time over this one's, step by step: each pair ran
+        # back to back under the same load.
+        record["simulator_s_paired"] = [
+            {"with": _label(records[j]), "steps": list(range(warmup, warmup + steps)),
+             **common.ratio_spread(simulator_s[i], simulator_s[j])} for j in others]
+    return records
+
+
+def _label(record: dict) -> str:
+    c = record["config"]
+    return f"{c['config']}, reuse {'on' if c['simulator_reuse_cache'] else 'off'}"
+
+
+def _record(c, name: str, per_step: list[dict], warmup: int, steps: int, build_s: float,
+            machine: dict) -> dict:
     measured = per_step[warmup:]
     # A step that compiled measures the compiler, not the loop: average the steady-state
     # numbers over the compile-free measured steps when there are any (the compile counts
@@ -174,7 +240,6 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict,
     }
     time_split["other_s"] = step_s - rollout - time_split["logprobs_s"] - time_split["update_s"]
     sampler_programs = [s["metrics"]["compile/sampler_programs"] for s in per_step]
-    c = config
     record = common.base_record(
         "rl_step", {"config": name, "policy": c.policy.preset, "simulator": c.simulator.kind,
                     "simulator_preset": c.simulator.preset if c.simulator.kind == "llm"
@@ -221,25 +286,37 @@ def measure_config(path: str, warmup: int, steps: int, machine: dict,
     return record
 
 
+def _summary(record: dict) -> str:
+    t, frac = record["time_split"], record["simulator_reuse_frac"]
+    return (f"rl_step {_label(record)}: {record['tokens_per_s']:.1f} tok/s all, "
+            f"{record['policy_tokens_per_s']:.1f} policy tok/s, step {t['step_s']:.2f}s "
+            f"(policy {t['policy_sampling_s']:.2f}, simulator {t['simulator_s']:.2f}, "
+            f"log-probs {t['logprobs_s']:.2f}, update {t['update_s']:.2f}), "
+            + (f"simulator prompt tokens reused {frac:.0%}, " if frac is not None else "")
+            + f"compiles/step after warm-up {record['compiles_per_step_after_warmup']}")
+
+
 def run(args: argparse.Namespace) -> list[dict]:
-    """Measures every config; returns (and unless --no_save appends) records."""
+    """Measures every config; returns (and unless --no_save appends) records.
+
+    An LLM-simulator config with two `--simulator_reuse` settings runs them interleaved.
+    """
     machine = common.machine_info()
     records = []
     for path in args.config:
         llm = _load_config(path).simulator.kind == "llm"
-        for reuse in (args.simulator_reuse if llm else ["on"]):
-            record = measure_config(path, args.warmup, args.steps, machine, reuse == "on")
-            t = record["time_split"]
-            frac = record["simulator_reuse_frac"]
-            print(f"rl_step {record['config']['config']} (simulator cache reuse {reuse}): "
-                  f"{record['tokens_per_s']:.1f} tok/s all, "
-                  f"{record['policy_tokens_per_s']:.1f} policy tok/s, step {t['step_s']:.2f}s "
-                  f"(policy {t['policy_sampling_s']:.2f}, simulator {t['simulator_s']:.2f}, "
-                  f"log-probs {t['logprobs_s']:.2f}, update {t['update_s']:.2f}), "
-                  + (f"simulator prompt tokens reused {frac:.0%}, " if frac is not None else "")
-                  + f"compiles/step after warm-up {record['compiles_per_step_after_warmup']}",
-                  flush=True)
-            records.append(record)
+        settings = [r == "on" for r in dict.fromkeys(args.simulator_reuse)] if llm else [True]
+        if len(settings) > 1:
+            found = measure_interleaved(path, settings, args.warmup, args.steps, machine)
+            for record in found:
+                paired = record["simulator_s_paired"][0]
+                print(_summary(record) + f"; simulator time of {paired['with']} / this "
+                      f"one's: {paired['ratio']:.2f}x [{paired['ratio_min']:.2f}, "
+                      f"{paired['ratio_max']:.2f}] over steps paired in order", flush=True)
+        else:
+            found = [measure_config(path, args.warmup, args.steps, machine, settings[0])]
+            print(_summary(found[0]), flush=True)
+        records += found
     if not args.no_save:
         common.append_results("rl_step", records, args.results_dir)
     return records

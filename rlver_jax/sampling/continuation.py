@@ -12,7 +12,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -110,9 +109,8 @@ def compact(sampler, previous: SamplerState, batch: int, kept: list[int], start:
             valid[i, start - k:start] = True
     run = (sampler._compact_same if capacity == previous.cache.capacity
            else sampler._compact_resize)
-    return run(previous.cache, sampler._place(sources), sampler._place(valid),
-               jnp.int32(start), sampler._place(np.asarray(kept, np.int32)),
-               capacity=capacity)
+    sources, valid, positions = sampler._place_all(sources, valid, np.asarray(kept, np.int32))
+    return run(previous.cache, sources, valid, np.int32(start), positions, capacity=capacity)
 
 
 def prefill_blocks(sampler, weights, cache, tokens: np.ndarray, mask: np.ndarray, block: int):
@@ -120,8 +118,8 @@ def prefill_blocks(sampler, weights, cache, tokens: np.ndarray, mask: np.ndarray
     it); returns the logits after each row's last token and the cache."""
     logits = None
     for b0 in range(0, tokens.shape[1], block):
-        logits, cache = sampler._prefill(weights, cache, sampler._place(tokens[:, b0:b0 + block]),
-                                         sampler._place(mask[:, b0:b0 + block]))
+        logits, cache = sampler._prefill(weights, cache, *sampler._place_all(
+            tokens[:, b0:b0 + block], mask[:, b0:b0 + block]))
     return logits, cache
 
 

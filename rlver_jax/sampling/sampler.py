@@ -51,7 +51,7 @@ from rlver_jax.sampling.decode_weights import DecodeWeightCopies
 from rlver_jax.sampling.continuation import (  # noqa: F401  (re-exported)
     CAPACITY_BUCKETS_PER_OCTAVE, EXTENSION_BLOCK, SamplerState, capacity_bucket, kept_prefix,
     next_power_of_two)
-from rlver_jax.sampling.token_sampling import sample_step
+from rlver_jax.sampling.token_sampling import row_keys, sample_step
 
 NO_TOKEN = -1
 # How decode runs the decoder layers: "scan" over the stacked weights (compile time flat in
@@ -220,6 +220,15 @@ class Sampler:
         from rlver_jax.sharding import batch_sharding
         return jax.device_put(x, batch_sharding(self.mesh, np.ndim(x), batch_size=len(x)))
 
+    def _place_all(self, *xs):
+        """`_place` of several host batches in one transfer (a call per array costs
+        about as much as a small model's decode step, and a sampler call makes dozens)."""
+        if self.mesh is None or self.multiprocess:
+            return tuple(self._place(x) for x in xs)
+        from rlver_jax.sharding import batch_sharding
+        return jax.device_put(xs, tuple(batch_sharding(self.mesh, np.ndim(x),
+                                                       batch_size=len(x)) for x in xs))
+
     def _host(self, x) -> np.ndarray:
         """This process's rows of a device batch."""
         return distributed.local_rows(x) if self.multiprocess else np.asarray(jax.device_get(x))
@@ -356,14 +365,15 @@ class Sampler:
         alive = np.zeros((batch,), bool)
         alive[:n] = active
         # One stream per global row; every process computes the same [B_global] keys.
-        base = jax.random.key(seed)
-        keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(batch * processes))
+        keys = row_keys(jax.random.key(seed), batch * processes)
         stops = np.full((self.max_stop_tokens,), NO_TOKEN, np.int32)
         stops[:len(stop_token_ids)] = list(stop_token_ids)
+        # NumPy scalars: jit transfers them with its arguments (a jnp scalar is an eager
+        # dispatch each).
         toks, lps, raws, stopped, cache = self._decode(
-            weights, cache, logits, self._place(alive), keys, jnp.int32(max_new_tokens),
-            jnp.asarray(stops), jnp.float32(temperature), jnp.int32(top_k),
-            jnp.float32(top_p), self.decode_layer_weights(model),
+            weights, cache, logits, self._place(alive), keys, np.int32(max_new_tokens),
+            stops, np.float32(temperature), np.int32(top_k),
+            np.float32(top_p), self.decode_layer_weights(model),
             self.decode_head(model), max_new_bucket=max_new_bucket)
 
         toks, lps, raws, stopped = (self._host(x) for x in (toks, lps, raws, stopped))

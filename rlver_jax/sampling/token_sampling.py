@@ -3,6 +3,8 @@ draw, and the log-probs the trainer compares against (used inside the decode loo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -105,3 +107,10 @@ def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
 
     token, sampling_lp = jax.lax.cond(temperature <= 0, greedy, sample, None)
     return token, sampling_lp, take(raw, token)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def row_keys(base: jax.Array, rows: int) -> jax.Array:
+    """[rows] PRNG keys, row i's fold_in(base, i): one per global row, the same on every
+    process (jitted: eagerly, the vmap costs milliseconds per sampler call)."""
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.arange(rows))

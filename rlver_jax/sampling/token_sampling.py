@@ -81,14 +81,29 @@ def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
     return jax.nn.log_softmax(jnp.where(scaled >= threshold, scaled, -jnp.inf), axis=-1)
 
 
+def draw(keys: jax.Array, log_probs: jax.Array) -> jax.Array:
+    """One token per row of log_probs [B, V] (keys [B]) by inverse CDF: one uniform per row
+    against the running sum of the probabilities. `jax.random.categorical` draws B * V
+    Gumbel numbers instead: on CPU 5x the cost (19 vs 3.7 ms a decode step at [8, 152064]).
+    The float32 running sum is off by at most ~2e-7 at V = 152k, the most any token's
+    chance moves; tokens of probability 0 (filtered out) are never drawn."""
+    u = jax.vmap(lambda key: jax.random.uniform(key, ()))(keys)
+    probs = jnp.exp(log_probs - jnp.max(log_probs, axis=-1, keepdims=True))
+    # A removed token may not be drawn even where rounding lifts its running sum.
+    cdf = jnp.where(probs > 0, jnp.cumsum(probs, axis=-1), -1.0)
+    # 1 - u lies in (0, 1]: the first kept token whose running sum reaches the target.
+    target = (1.0 - u)[:, None] * jnp.max(cdf, axis=-1, keepdims=True)
+    return jnp.argmax(cdf >= target, axis=-1).astype(jnp.int32)
+
+
 def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
     """One token per row. logits [B, V] f32, keys [B] -> (token, sampling lp, raw lp);
     raw: log-softmax of logits / temperature without top-k / top-p (temperature 1 if greedy).
 
     The sampling parameters are traced scalars, so the branches are `lax.cond`s rather than
     `jnp.where`s: on CPU `filter_logits` (two 32-step bisections over [B, V]) and the
-    categorical draw (B * V random numbers) each cost about as much as a decode step of a
-    small model, so greedy skips both and untruncated sampling skips the filter.
+    draw (`draw`: a [B, V] exp and running sum) cost a good part of a small model's decode
+    step, so greedy skips both and untruncated sampling skips the filter.
     """
     raw = jax.nn.log_softmax(logits / jnp.where(temperature > 0, temperature, 1.0), axis=-1)
     take = lambda lp, token: jnp.take_along_axis(lp, token[:, None], axis=-1)[:, 0]
@@ -102,7 +117,7 @@ def sample_step(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p):
         filtered = jax.lax.cond(
             truncate, lambda: filter_logits(logits, temperature, top_k, top_p),
             lambda: jax.nn.log_softmax(logits / temperature, axis=-1))
-        token = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+        token = draw(keys, filtered)
         return token, take(filtered, token)
 
     token, sampling_lp = jax.lax.cond(temperature <= 0, greedy, sample, None)
